@@ -53,7 +53,9 @@ impl AgentClient {
     /// Opens a new raw stream to the agent.
     pub async fn open_stream(&self) -> Result<ChannelStream, ChannelError> {
         let (reply, stream) = oneshot::channel();
-        self.open_requests.send(reply).map_err(|_| ChannelError::Closed)?;
+        self.open_requests
+            .send(reply)
+            .map_err(|_| ChannelError::Closed)?;
         Ok(stream.await.map_err(|_| ChannelError::Closed)??.compat())
     }
 
@@ -82,7 +84,8 @@ impl AgentClient {
         request: Request<Bytes>,
     ) -> Result<Response<Incoming>, ChannelError> {
         let (parts, body) = request.into_parts();
-        self.request(Request::from_parts(parts, http_body_util::Full::new(body))).await
+        self.request(Request::from_parts(parts, http_body_util::Full::new(body)))
+            .await
     }
 
     /// Opens a WebSocket to `path_and_query` on the agent (e.g. `/execute/ws`).
