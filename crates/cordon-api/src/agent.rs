@@ -10,7 +10,7 @@ pub const CONTROL_PREFIX: &str = "/_cordon/";
 
 /// `PUT /_cordon/config`: the sandbox-level settings commands inherit. The host sends it when
 /// the sandbox starts (it doubles as the readiness probe) and again when they change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentConfig {
     /// Snapshot layer merged with the sandbox layer (spec §2.1.2); commands add their own.
     #[serde(default)]
@@ -18,7 +18,24 @@ pub struct AgentConfig {
     /// Cap on the bytes kept per output stream of one command.
     #[serde(default = "default_output_cap")]
     pub output_buffer_bytes: u64,
+    /// Largest file `POST /upload` accepts; `None` means [`DEFAULT_UPLOAD_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_max_bytes: Option<u64>,
 }
+
+impl Default for AgentConfig {
+    /// The same values a `PUT` with an empty JSON object gives.
+    fn default() -> Self {
+        AgentConfig {
+            run_config: RunConfig::default(),
+            output_buffer_bytes: default_output_cap(),
+            upload_max_bytes: None,
+        }
+    }
+}
+
+/// Upload size cap when the host sets none.
+pub const DEFAULT_UPLOAD_MAX_BYTES: u64 = 8 << 30;
 
 pub fn default_output_cap() -> u64 {
     16 * 1024 * 1024
@@ -29,4 +46,16 @@ pub fn default_output_cap() -> u64 {
 pub struct AgentHealth {
     pub version: String,
     pub commands_running: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_matches_an_empty_put() {
+        let from_json: AgentConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(AgentConfig::default(), from_json);
+        assert!(AgentConfig::default().output_buffer_bytes > 0);
+    }
 }
