@@ -159,7 +159,9 @@ mod tests {
     fn client_messages_parse_with_client_defaults() {
         let msg: ClientMessage =
             serde_json::from_str(r#"{"type":"execute","command":"echo hi"}"#).unwrap();
-        let ClientMessage::Execute(req) = msg else { panic!("not execute") };
+        let ClientMessage::Execute(req) = msg else {
+            panic!("not execute")
+        };
         assert_eq!(req, ExecuteRequest::new("echo hi"));
         let kill: ClientMessage = serde_json::from_str(r#"{"type":"kill"}"#).unwrap();
         assert_eq!(kill, ClientMessage::Kill);
@@ -168,7 +170,10 @@ mod tests {
 
     #[test]
     fn server_messages_carry_the_type_tag() {
-        let started = ServerMessage::Started { command_id: "c1".into(), pid: 7 };
+        let started = ServerMessage::Started {
+            command_id: "c1".into(),
+            pid: 7,
+        };
         assert_eq!(
             serde_json::to_string(&started).unwrap(),
             r#"{"type":"started","command_id":"c1","pid":7}"#
@@ -179,7 +184,10 @@ mod tests {
     fn run_config_and_env_are_exclusive() {
         let mut req = ExecuteRequest::new("true");
         req.cwd = Some("/tmp".into());
-        assert_eq!(req.command_layer().unwrap().work_dir.as_deref(), Some("/tmp"));
+        assert_eq!(
+            req.command_layer().unwrap().work_dir.as_deref(),
+            Some("/tmp")
+        );
         req.run_config = Some(RunConfig::default());
         assert!(req.command_layer().is_err());
     }

@@ -123,7 +123,12 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
-        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -146,14 +151,35 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_field() {
-        let relative = RunConfig { work_dir: Some("tmp".into()), ..Default::default() };
-        assert_eq!(relative.validate(), Err(RunConfigError::RelativeWorkDir("tmp".into())));
-        let bad_user = RunConfig { user: Some("a b".into()), ..Default::default() };
-        assert!(matches!(bad_user.validate(), Err(RunConfigError::BadUser(_))));
-        let bad_env = RunConfig { env_vars: env(&[("A=B", "1")]), ..Default::default() };
-        assert!(matches!(bad_env.validate(), Err(RunConfigError::BadEnvName(_))));
+        let relative = RunConfig {
+            work_dir: Some("tmp".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            relative.validate(),
+            Err(RunConfigError::RelativeWorkDir("tmp".into()))
+        );
+        let bad_user = RunConfig {
+            user: Some("a b".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad_user.validate(),
+            Err(RunConfigError::BadUser(_))
+        ));
+        let bad_env = RunConfig {
+            env_vars: env(&[("A=B", "1")]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad_env.validate(),
+            Err(RunConfigError::BadEnvName(_))
+        ));
         for ok in ["root", "1000", "user:staff", "1000:1000"] {
-            let cfg = RunConfig { user: Some(ok.into()), ..Default::default() };
+            let cfg = RunConfig {
+                user: Some(ok.into()),
+                ..Default::default()
+            };
             assert_eq!(cfg.validate(), Ok(()), "{ok}");
         }
     }

@@ -1,0 +1,124 @@
+//! `cordon-agent`: PID 1 of every sandbox. Serves the host's channel connections.
+
+use std::io::IsTerminal;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use cordon_agent::config::ConfigStore;
+use cordon_agent::exec::Registry;
+use cordon_agent::reaper::Reaper;
+use cordon_agent::{router, AppState};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Parser)]
+#[command(version, about = "The in-sandbox agent of Cordon")]
+struct Args {
+    /// Inherited listening unix socket (the production path).
+    #[arg(
+        long,
+        conflicts_with = "listen_unix",
+        required_unless_present = "listen_unix"
+    )]
+    listen_fd: Option<RawFd>,
+    /// Bind and listen on this unix socket path (development and tests).
+    #[arg(long)]
+    listen_unix: Option<PathBuf>,
+    /// Most command sessions kept at once (running, or finished within their TTL).
+    #[arg(long, default_value_t = cordon_agent::exec::DEFAULT_MAX_SESSIONS)]
+    max_commands: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // In a sandbox stderr is the agent.log file: no colour codes there.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Before anything can spawn: every child must be reaped through it.
+    let reaper = Reaper::start().context("starting the reaper")?;
+    let listener = match (args.listen_fd, args.listen_unix) {
+        (Some(fd), _) => inherited_listener(fd)?,
+        (None, Some(path)) => {
+            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?
+        }
+        (None, None) => bail!("give --listen-fd or --listen-unix"),
+    };
+    let app = router(AppState {
+        config: ConfigStore::default(),
+        commands: Registry::new(reaper, args.max_commands),
+    });
+    tracing::info!(pid = std::process::id(), "agent ready");
+    loop {
+        match listener.accept().await {
+            Ok((connection, _)) => {
+                tokio::spawn(serve_connection(connection, app.clone()));
+            }
+            Err(error) => {
+                // Out of fds or similar: keep serving the connections we have.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Takes ownership of the listening socket the launcher passed us.
+fn inherited_listener(fd: RawFd) -> anyhow::Result<UnixListener> {
+    // SAFETY: F_GETFD only reads the fd's flags; it fails with EBADF if the fd is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        bail!("--listen-fd {fd} is not open");
+    }
+    // SAFETY: the fd is open (checked above) and nothing else in this process uses it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = nix::sys::stat::fstat(borrowed).context("fstat of --listen-fd")?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--listen-fd {fd} is not a socket");
+    }
+    // SAFETY: the fd is open (fstat succeeded) and, by the launch contract, ours alone.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listener = std::os::unix::net::UnixListener::from(owned);
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
+}
+
+/// One host connection: a yamux session; every stream is one HTTP/1.1 connection.
+async fn serve_connection(connection: UnixStream, app: axum::Router) {
+    let served = cordon_channel::serve(connection, move |stream| {
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%error, "channel stream ended");
+            }
+        });
+    })
+    .await;
+    match served {
+        Ok(()) => tracing::info!("host connection closed"),
+        Err(error) => tracing::warn!(%error, "host connection failed"),
+    }
+}
