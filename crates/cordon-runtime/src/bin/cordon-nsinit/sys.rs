@@ -1,0 +1,207 @@
+//! Thin safe wrappers for the syscalls no crate covers: the new mount API (idmapped mounts),
+//! loop device setup, `close_range` and bringing `lo` up.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of the mount at `path` (`open_tree(OPEN_TREE_CLONE)`).
+pub fn clone_tree(path: &Path) -> io::Result<OwnedFd> {
+    let path = cstring(path)?;
+    // SAFETY: valid C string, flags as documented for open_tree(2).
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open_tree returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sets `attrs` on a detached mount (`mount_setattr`) and, with `idmap`, idmaps it through
+/// that user namespace.
+pub fn set_tree_attrs(tree: &OwnedFd, idmap: Option<BorrowedFd<'_>>, attrs: u64) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: attrs | idmap.map_or(0, |_| MOUNT_ATTR_IDMAP),
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: idmap.map_or(0, |fd| fd.as_raw_fd() as u64),
+    };
+    // SAFETY: `attr` outlives the call and its size is passed along.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Attaches a detached mount at `target` (`move_mount`).
+pub fn attach_tree(tree: &OwnedFd, target: &Path) -> io::Result<()> {
+    let target = cstring(target)?;
+    // SAFETY: valid fd and C strings.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
+
+/// Marks every fd from `first` up close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`), so an
+/// error pipe stays usable until the final exec, which then closes them all.
+pub fn cloexec_from(first: u32) -> io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes fd flags.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) })?;
+    Ok(())
+}
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Attaches `image` to a free loop device with autoclear (the device detaches itself when
+/// its last user, the mount, goes away). Returns the device path and its open fd.
+pub fn attach_loop(image: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
+    let control = nix::fcntl::open(
+        "/dev/loop-control",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    for _ in 0..32 {
+        // SAFETY: ioctl without an argument on our loop-control fd.
+        let number = check(
+            unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) } as libc::c_long,
+        )?;
+        let path = format!("/dev/loop{number}");
+        let device = nix::fcntl::open(
+            path.as_str(),
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        // SAFETY: loop_config is plain data; all-zero is its documented default.
+        let mut config: LoopConfig = unsafe { std::mem::zeroed() };
+        config.fd = image.as_raw_fd() as u32;
+        config.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: `config` is a valid loop_config for the duration of the call.
+        let ret = unsafe {
+            libc::ioctl(
+                device.as_raw_fd(),
+                LOOP_CONFIGURE as _,
+                &config as *const LoopConfig,
+            )
+        };
+        if ret == 0 {
+            return Ok((path, device));
+        }
+        let error = io::Error::last_os_error();
+        // Another process took the same free device between the two calls: try the next.
+        if error.raw_os_error() != Some(libc::EBUSY) {
+            return Err(error);
+        }
+    }
+    Err(io::Error::other("no free loop device"))
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `request`, which lives across the calls.
+    unsafe {
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) as libc::c_long)?;
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) as libc::c_long)?;
+    }
+    Ok(())
+}
+
+/// Closes every fd from `first` up except `keep`.
+pub fn close_from_except(first: u32, keep: u32) -> io::Result<()> {
+    // SAFETY: closing fds nothing else in this single-threaded process uses.
+    unsafe {
+        if keep > first {
+            check(libc::syscall(libc::SYS_close_range, first, keep - 1, 0))?;
+        }
+        check(libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! The namespace backend: Linux namespaces, cgroups, seccomp and an overlay root per sandbox,
+//! launched by `cordon-nsinit` (see ARCHITECTURE.md, "Launching a namespace sandbox").
+
+mod agent;
+mod launch;
+mod store;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::UnixStream;
+
+use crate::cgroup::Cgroups;
+use crate::error::{IoContext, RuntimeError};
+use crate::plan::{is_alive, WritableLayer};
+use crate::{fsutil, ChannelIo, ResourceUsage, Runtime, SandboxSpec, SandboxState};
+use store::{IdRegistry, Record, SandboxDir};
+
+/// Settings of a [`NamespaceRuntime`].
+#[derive(Debug, Clone)]
+pub struct NamespaceConfig {
+    /// Host-only directory holding `sandboxes/<id>/`. Created 0700.
+    pub state_dir: PathBuf,
+    /// The static `cordon-agent` binary; copied once into a sealed memfd.
+    pub agent_binary: PathBuf,
+    /// The `cordon-nsinit` launcher binary.
+    pub nsinit_binary: PathBuf,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// Host-wide registry of claimed uid/gid ranges, shared by every runtime on the host.
+    pub id_registry: PathBuf,
+    /// How long a boot (launch + agent health + config) may take.
+    pub boot_timeout: Duration,
+    /// Size bound of each sandbox's `agent.log` (rotated once).
+    pub log_max_bytes: u64,
+    /// `/tmp` tmpfs size when the sandbox has no memory limit (else the limit, capped by this).
+    pub tmp_max_bytes: u64,
+}
+
+impl NamespaceConfig {
+    pub fn new(
+        state_dir: impl Into<PathBuf>,
+        agent_binary: impl Into<PathBuf>,
+        nsinit_binary: impl Into<PathBuf>,
+    ) -> Self {
+        NamespaceConfig {
+            state_dir: state_dir.into(),
+            agent_binary: agent_binary.into(),
+            nsinit_binary: nsinit_binary.into(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            id_registry: PathBuf::from("/run/cordon/id-ranges"),
+            boot_timeout: Duration::from_secs(20),
+            log_max_bytes: 1 << 20,
+            tmp_max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// One sandbox as this process knows it; the lock serialises lifecycle operations on it.
+struct Slot {
+    dir: SandboxDir,
+    inner: tokio::sync::Mutex<SlotState>,
+}
+
+struct SlotState {
+    spec: SandboxSpec,
+    record: Record,
+}
+
+/// The namespace [`Runtime`].
+pub struct NamespaceRuntime {
+    config: NamespaceConfig,
+    cgroups: Cgroups,
+    agent_memfd: OwnedFd,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    ids: IdRegistry,
+}
+
+impl NamespaceRuntime {
+    /// Prepares the state dir, detects the cgroup version and seals a copy of the agent.
+    pub fn new(config: NamespaceConfig) -> Result<NamespaceRuntime, RuntimeError> {
+        store::create_private_dir(&config.state_dir)?;
+        store::create_private_dir(&config.state_dir.join("sandboxes"))?;
+        let cgroups = Cgroups::detect(&config.cgroup_root)?;
+        let agent_memfd = agent::sealed_copy(&config.agent_binary)?;
+        tracing::info!(state_dir = %config.state_dir.display(), cgroup_v2 = cgroups.is_v2(), "namespace runtime ready");
+        let ids = IdRegistry::new(config.id_registry.clone());
+        Ok(NamespaceRuntime {
+            config,
+            cgroups,
+            agent_memfd,
+            slots: Mutex::new(HashMap::new()),
+            ids,
+        })
+    }
+
+    fn sandboxes_dir(&self) -> PathBuf {
+        self.config.state_dir.join("sandboxes")
+    }
+
+    fn slot(&self, id: &str) -> Result<Arc<Slot>, RuntimeError> {
+        crate::validate_id(id)?;
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))
+    }
+
+    fn writable_layer(&self, dir: &SandboxDir, spec: &SandboxSpec) -> WritableLayer {
+        match spec.limits.disk_bytes {
+            Some(_) => WritableLayer::Ext4Image(dir.path().join("disk.img")),
+            None => WritableLayer::Directory(dir.path().join("rw")),
+        }
+    }
+
+    /// Kills the sandbox (if its init is still ours) and cleans its cgroups.
+    async fn kill(
+        &self,
+        id: &str,
+        dir: &SandboxDir,
+        record: &mut Record,
+    ) -> Result<(), RuntimeError> {
+        if let Some(running) = record.running.take() {
+            launch::kill_init(running.pid, running.start_time).await;
+        }
+        let cgroups = self.cgroups.clone();
+        let owned_id = id.to_string();
+        tokio::task::spawn_blocking(move || cgroups.remove(&owned_id))
+            .await
+            .map_err(|e| RuntimeError::io("cgroup cleanup task", std::io::Error::other(e)))??;
+        dir.remove_socket();
+        dir.save_record(record)
+    }
+
+    /// Reconciles a record whose init died behind our back.
+    async fn refresh(
+        &self,
+        id: &str,
+        slot: &Slot,
+        state: &mut SlotState,
+    ) -> Result<(), RuntimeError> {
+        if let Some(running) = state.record.running {
+            if !is_alive(running.pid, running.start_time) {
+                tracing::warn!(
+                    sandbox = id,
+                    pid = running.pid,
+                    "sandbox init exited unexpectedly"
+                );
+                state.record.failed = Some(format!(
+                    "the sandbox exited unexpectedly{}",
+                    slot.dir
+                        .agent_log_tail()
+                        .map(|t| format!("; agent log: {t}"))
+                        .unwrap_or_default()
+                ));
+                self.kill(id, &slot.dir, &mut state.record).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure an adopted sandbox still owns its id range in the host-wide registry (it is
+    /// lost on reboot). A stopped sandbox whose range was taken meanwhile gets a new one: its
+    /// writable layer stores ids unshifted, so nothing on disk depends on the range.
+    fn keep_id_range(&self, dir: &SandboxDir, record: &mut Record) -> Result<(), RuntimeError> {
+        if self.ids.reclaim(record.id_base, dir.path())? {
+            return Ok(());
+        }
+        if record.running.is_some() {
+            tracing::error!(sandbox = %dir.path().display(), id_base = record.id_base, "running sandbox shares its id range with another sandbox");
+            return Ok(());
+        }
+        record.id_base = self.ids.claim(dir.path())?;
+        dir.save_record(record)
+    }
+
+    async fn boot(&self, slot: &Slot, state: &mut SlotState) -> Result<(), RuntimeError> {
+        let id = state.spec.id.clone();
+        let procs = {
+            let (cgroups, id, limits) =
+                (self.cgroups.clone(), id.clone(), state.spec.limits.clone());
+            tokio::task::spawn_blocking(move || cgroups.create(&id, &limits))
+                .await
+                .map_err(|e| RuntimeError::io("cgroup setup task", std::io::Error::other(e)))??
+        };
+        let listener = slot.dir.bind_socket()?;
+        let plan = launch::plan(
+            &self.config,
+            &slot.dir,
+            &state.spec,
+            state.record.id_base,
+            self.writable_layer(&slot.dir, &state.spec),
+            procs,
+        );
+        let launched = launch::run_nsinit(
+            &self.config.nsinit_binary,
+            &plan,
+            &listener,
+            &self.agent_memfd,
+            self.config.boot_timeout,
+        )
+        .await;
+        drop(listener);
+        let launched = match launched {
+            Ok(launched) => launched,
+            Err(message) => return Err(self.fail(&id, slot, state, message).await),
+        };
+        state.record.running = Some(launched);
+        state.record.failed = None;
+        state.record.started = true;
+        slot.dir.save_record(&state.record)?;
+        let ready = agent::wait_ready(
+            &slot.dir,
+            &state.spec.agent_config,
+            launched,
+            self.config.boot_timeout,
+        )
+        .await;
+        if let Err(message) = ready {
+            let message = match slot.dir.agent_log_tail() {
+                Some(tail) => format!("{message}; agent log: {tail}"),
+                None => message,
+            };
+            return Err(self.fail(&id, slot, state, message).await);
+        }
+        tracing::info!(sandbox = %id, pid = launched.pid, "sandbox running");
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        id: &str,
+        slot: &Slot,
+        state: &mut SlotState,
+        message: String,
+    ) -> RuntimeError {
+        tracing::warn!(sandbox = id, %message, "sandbox failed to boot");
+        if let Err(error) = self.kill(id, &slot.dir, &mut state.record).await {
+            tracing::warn!(sandbox = id, %error, "cleanup after a failed boot");
+        }
+        state.record.failed = Some(message.clone());
+        let _ = slot.dir.save_record(&state.record);
+        RuntimeError::Boot {
+            id: id.to_string(),
+            message,
+        }
+    }
+}
+
+fn state_of(record: &Record) -> SandboxState {
+    match (&record.running, &record.failed) {
+        (Some(running), _) => SandboxState::Running { pid: running.pid },
+        (None, Some(message)) => SandboxState::Failed(message.clone()),
+        (None, None) if record.started => SandboxState::Stopped,
+        (None, None) => SandboxState::Created,
+    }
+}
+
+fn state_name(record: &Record) -> String {
+    match state_of(record) {
+        SandboxState::Created => "created",
+        SandboxState::Running { .. } => "running",
+        SandboxState::Stopped => "stopped",
+        SandboxState::Failed(_) => "failed",
+    }
+    .to_string()
+}
+
+#[async_trait]
+impl Runtime for NamespaceRuntime {
+    async fn create(&self, spec: SandboxSpec) -> Result<(), RuntimeError> {
+        spec.validate()?;
+        for layer in &spec.layers {
+            if !std::fs::metadata(layer)
+                .context(|| format!("layer {}", layer.display()))?
+                .is_dir()
+            {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "layer {} is not a directory",
+                    layer.display()
+                )));
+            }
+        }
+        if self.cgroups.is_populated(&spec.id) {
+            // Another runtime on this host (another state dir) has a live sandbox by this id.
+            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        let dir = SandboxDir::create(&self.sandboxes_dir(), &spec.id)?;
+        let id_base = match self.ids.claim(dir.path()) {
+            Ok(base) => base,
+            Err(error) => {
+                dir.remove_all();
+                return Err(error);
+            }
+        };
+        let record = Record {
+            id_base,
+            running: None,
+            failed: None,
+            started: false,
+        };
+        let prepared = async {
+            dir.save_spec(&spec)?;
+            dir.save_record(&record)?;
+            store::prepare_writable_layer(&self.writable_layer(&dir, &spec), spec.limits.disk_bytes)
+                .await
+        }
+        .await;
+        if let Err(error) = prepared {
+            self.ids.release(id_base, dir.path());
+            dir.remove_all();
+            return Err(error);
+        }
+        let slot = Arc::new(Slot {
+            dir,
+            inner: tokio::sync::Mutex::new(SlotState {
+                spec: spec.clone(),
+                record,
+            }),
+        });
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .insert(spec.id.clone(), slot);
+        tracing::info!(sandbox = %spec.id, id_base, "sandbox created");
+        Ok(())
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let slot = self.slot(id)?;
+        let mut state = slot.inner.lock().await;
+        self.refresh(id, &slot, &mut state).await?;
+        if state.record.running.is_some() {
+            return Err(RuntimeError::WrongState {
+                id: id.to_string(),
+                state: state_name(&state.record),
+                action: "start",
+            });
+        }
+        self.boot(&slot, &mut state).await
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        let slot = self.slot(id)?;
+        let mut state = slot.inner.lock().await;
+        // A sandbox that never ran stays Created; one that ran or failed becomes Stopped.
+        state.record.started |= state.record.running.is_some() || state.record.failed.is_some();
+        state.record.failed = None;
+        self.kill(id, &slot.dir, &mut state.record).await?;
+        tracing::info!(sandbox = id, "sandbox stopped");
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        let slot = self.slot(id)?;
+        let mut state = slot.inner.lock().await;
+        self.kill(id, &slot.dir, &mut state.record).await?;
+        slot.dir.remove_all();
+        self.ids.release(state.record.id_base, slot.dir.path());
+        self.slots.lock().expect("slots lock").remove(id);
+        tracing::info!(sandbox = id, "sandbox destroyed");
+        Ok(())
+    }
+
+    async fn open_channel(&self, id: &str) -> Result<Box<dyn ChannelIo>, RuntimeError> {
+        let slot = self.slot(id)?;
+        let mut state = slot.inner.lock().await;
+        self.refresh(id, &slot, &mut state).await?;
+        if state.record.running.is_none() {
+            return Err(RuntimeError::WrongState {
+                id: id.to_string(),
+                state: state_name(&state.record),
+                action: "open a channel",
+            });
+        }
+        let stream: UnixStream = slot.dir.connect_socket().await?;
+        Ok(Box::new(stream))
+    }
+
+    async fn state(&self, id: &str) -> Result<SandboxState, RuntimeError> {
+        let slot = self.slot(id)?;
+        let mut state = slot.inner.lock().await;
+        self.refresh(id, &slot, &mut state).await?;
+        Ok(state_of(&state.record))
+    }
+
+    async fn usage(&self, id: &str) -> Result<ResourceUsage, RuntimeError> {
+        let slot = self.slot(id)?;
+        let state = slot.inner.lock().await;
+        let layer = self.writable_layer(&slot.dir, &state.spec);
+        drop(state);
+        let (cgroups, owned_id) = (self.cgroups.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let (memory_bytes, cpu_ns, pids) = cgroups.usage(&owned_id);
+            let disk_bytes = writable_layer_usage(&layer);
+            ResourceUsage {
+                memory_bytes,
+                cpu_ns,
+                pids,
+                disk_bytes,
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::io("usage task", std::io::Error::other(e)))
+    }
+
+    async fn adopt(&self) -> Result<Vec<(String, SandboxState)>, RuntimeError> {
+        let mut found = Vec::new();
+        for (dir, spec, mut record) in store::scan(&self.sandboxes_dir()) {
+            let id = spec.id.clone();
+            if self.slots.lock().expect("slots lock").contains_key(&id) {
+                found.push((id.clone(), self.state(&id).await?));
+                continue;
+            }
+            match record.running {
+                Some(running) if is_alive(running.pid, running.start_time) => {
+                    tracing::info!(sandbox = %id, pid = running.pid, "re-adopted running sandbox");
+                }
+                Some(_) => {
+                    tracing::info!(sandbox = %id, "sandbox died while we were away; marking it stopped");
+                    self.kill(&id, &dir, &mut record).await?;
+                }
+                // Not recorded as running, but a boot cut short by a crash of the host process
+                // may have left processes in its cgroups: kill them.
+                None => self.kill(&id, &dir, &mut record).await?,
+            }
+            self.keep_id_range(&dir, &mut record)?;
+            found.push((id.clone(), state_of(&record)));
+            let slot = Arc::new(Slot {
+                dir,
+                inner: tokio::sync::Mutex::new(SlotState { spec, record }),
+            });
+            self.slots.lock().expect("slots lock").insert(id, slot);
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+}
+
+fn writable_layer_usage(layer: &WritableLayer) -> u64 {
+    match layer {
+        WritableLayer::Directory(path) => fsutil::disk_usage(path).unwrap_or(0),
+        // The image lives in a host-only directory and is a plain file we created.
+        WritableLayer::Ext4Image(path) => {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(path)
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0)
+        }
+    }
+}
