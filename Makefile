@@ -7,8 +7,9 @@ STATIC_RUSTFLAGS := -C target-feature=+crt-static
 STATIC_DIR := target/$(TARGET)/release
 
 # Debian packages the host needs: busybox for the test root filesystem, e2fsprogs for the
-# per-sandbox disk images, bubblewrap as the benchmark baseline.
-APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap
+# per-sandbox disk images, bubblewrap as the benchmark baseline, debootstrap (and util-linux's
+# unshare) to build the default snapshot (`cordon prepare`).
+APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap
 
 .PHONY: all deps agent build test lint bench run
 

@@ -138,8 +138,10 @@ pub fn runtime_in(state_dir: &Path) -> Arc<NamespaceRuntime> {
 /// How to start a [`TestSandbox`].
 #[derive(Debug, Clone, Default)]
 pub struct TestOptions {
-    /// Layers stacked on top of [`test_rootfs`], top first.
+    /// Layers stacked on top of the base layer, top first.
     pub extra_layers: Vec<PathBuf>,
+    /// The bottom layer; `None` means [`test_rootfs`] (e.g. a prepared snapshot instead).
+    pub base_layer: Option<PathBuf>,
     pub limits: Limits,
     pub weaken: Weakening,
     pub run_config: RunConfig,
@@ -170,7 +172,7 @@ pub fn unique_id(prefix: &str) -> String {
 /// The spec a test sandbox is created with.
 pub fn spec(id: &str, options: &TestOptions) -> SandboxSpec {
     let mut layers = options.extra_layers.clone();
-    layers.push(test_rootfs());
+    layers.push(options.base_layer.clone().unwrap_or_else(test_rootfs));
     SandboxSpec {
         id: id.to_string(),
         layers,
