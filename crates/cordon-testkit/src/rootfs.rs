@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the layout below changes, so stale caches are rebuilt.
-const VERSION: &str = "2";
+const VERSION: &str = "3";
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &str = "root:x:0:\ntty:x:5:\nuser:x:1000:\nnogroup:x:65534:\n";
@@ -75,7 +75,10 @@ fn build(cache: &Path) -> std::io::Result<()> {
         symlink("/bin/busybox", &link)?;
     }
     if tree.join("bin/bash").symlink_metadata().is_err() {
-        symlink("/bin/busybox", tree.join("bin/bash"))?;
+        // Debian's busybox has no `bash` applet; `/bin/bash` is the clients' default shell
+        // (`bash -c command`), so hand it to busybox's sh.
+        fs::write(tree.join("bin/bash"), "#!/bin/sh\nexec /bin/sh \"$@\"\n")?;
+        fs::set_permissions(tree.join("bin/bash"), fs::Permissions::from_mode(0o755))?;
     }
     fs::write(tree.join("etc/passwd"), PASSWD)?;
     fs::write(tree.join("etc/group"), GROUP)?;
