@@ -41,10 +41,10 @@ lint:
 bench: deps agent
 	$(CARGO) run --release -p cordon-bench
 
-# Until `cordon serve` lands, `make run` boots a sandbox on the busybox test rootfs and runs a
-# command in it.
-DEMO_COMMAND := echo "hello from $$(hostname)"; id; echo "uid map: $$(cat /proc/self/uid_map)"; ls /
+# Until `cordon serve` lands, `make run` prepares the default snapshot (minutes the first time,
+# then instant) and runs a command in a throwaway sandbox booted on it.
+DEMO_COMMAND := echo "hello from $$(hostname)"; id; python3 --version; echo "uid map: $$(cat /proc/self/uid_map)"
 
 run: build
-	rootfs=$$($(CARGO) run -q --release -p cordon-testkit --example rootfs-path) && \
-	./target/release/cordon sandbox exec --rootfs "$$rootfs" -- '$(DEMO_COMMAND)'
+	layer=$$(./target/release/cordon prepare | awk '/layer:/ {print $$2}') && \
+	./target/release/cordon sandbox exec --shell /bin/bash --rootfs "$$layer" -- '$(DEMO_COMMAND)'
