@@ -28,13 +28,14 @@ struct Args {
     /// Bind and listen on this unix socket path (development and tests).
     #[arg(long)]
     listen_unix: Option<PathBuf>,
-    /// Most command sessions kept at once (running, or finished within their TTL).
-    #[arg(long, default_value_t = cordon_agent::exec::DEFAULT_MAX_SESSIONS)]
-    max_commands: usize,
 }
 
 fn main() -> anyhow::Result<()> {
     init_logging();
+    // Not dumpable: with seccomp off, sandbox processes still cannot ptrace or
+    // process_vm_readv the agent without CAP_SYS_PTRACE, and its /proc files are root's.
+    // Commands become dumpable again when they exec.
+    nix::sys::prctl::set_dumpable(false).context("PR_SET_DUMPABLE")?;
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,7 +67,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let app = router(AppState {
         config: ConfigStore::default(),
-        commands: Registry::new(reaper, args.max_commands),
+        commands: Registry::new(reaper),
     });
     tracing::info!(pid = std::process::id(), "agent ready");
     loop {

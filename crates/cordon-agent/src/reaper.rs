@@ -1,13 +1,12 @@
 //! PID 1 duty: reap every child and orphan, and hand command exit statuses to their owners.
 //!
 //! One task owns every `waitpid(-1)` call. Spawns go through [`Reaper::spawn`], which holds
-//! the waiter table's lock across fork+register, and the reaper holds the same lock while it
-//! waits: so no exit can be reaped before its waiter is registered, and std's own `waitpid` on
-//! a failed exec never races us.
+//! the waiter table's lock across spawn+register, and the reaper holds the same lock while it
+//! waits: so no exit can be reaped before its waiter is registered. A child that failed before
+//! exec is never registered and is reaped like any orphan.
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
@@ -52,13 +51,17 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Spawns `command` and registers for its exit status.
-    pub fn spawn(&self, command: &mut Command) -> io::Result<(Child, oneshot::Receiver<ExitCode>)> {
+    /// Runs `start`, which starts a child and returns its pid, and registers for the child's
+    /// exit status.
+    pub fn spawn(
+        &self,
+        start: impl FnOnce() -> io::Result<i32>,
+    ) -> io::Result<(i32, oneshot::Receiver<ExitCode>)> {
         let mut waiters = self.lock();
-        let child = command.spawn()?;
+        let pid = start()?;
         let (exit_tx, exit_rx) = oneshot::channel();
-        waiters.insert(child.id() as i32, exit_tx);
-        Ok((child, exit_rx))
+        waiters.insert(pid, exit_tx);
+        Ok((pid, exit_rx))
     }
 
     fn lock(&self) -> MutexGuard<'_, Waiters> {

@@ -1,4 +1,5 @@
-//! `POST /execute` (spec §3.2) and the SSE transport (§3.4), against a real agent.
+//! `POST /execute` (spec §3.2) and the SSE transport (§3.4), against the agent as PID 1 of a
+//! real sandbox.
 
 mod common;
 
@@ -21,7 +22,7 @@ async fn http_execute_returns_output_and_exit_code() {
 #[tokio::test(flavor = "multi_thread")]
 async fn http_execute_timeout_is_exit_code_124_with_a_note() {
     let agent = connect_agent().await;
-    let body = json!({"command": "echo partial; sleep 300", "timeout": 1});
+    let body = json!({"command": "echo partial; sleep 300", "timeout": 1, "shell": "/bin/sh"});
     let (status, response) = agent.request_json("POST", "/execute", body).await;
     assert_eq!(status, 200);
     assert_eq!(response["exit_code"], 124);
@@ -233,7 +234,7 @@ async fn config_and_health_routes() {
     let config = json!({"run_config": {"env_vars": {"FROM_SANDBOX": "yes"}, "work_dir": "/tmp"}});
     let (status, _) = agent.request_json("PUT", "/_cordon/config", config).await;
     assert_eq!(status, 204);
-    let body = json!({"command": "echo $FROM_SANDBOX; pwd", "timeout": 10});
+    let body = json!({"command": "echo $FROM_SANDBOX; pwd", "timeout": 10, "shell": "/bin/sh"});
     let (_, response) = agent.request_json("POST", "/execute", body).await;
     assert_eq!(response["stdout"], "yes\n/tmp\n");
     let bad = json!({"run_config": {"work_dir": "relative"}});

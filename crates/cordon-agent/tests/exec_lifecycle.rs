@@ -1,10 +1,12 @@
-//! Command session lifecycle (spec §3.3.8) and PID 1 duties, against a real agent.
+//! Command session lifecycle (spec §3.3.8) and PID 1 duties, against the agent as PID 1 of a
+//! real sandbox.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use cordon_api::agent::AgentConfig;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -96,15 +98,35 @@ async fn finished_sessions_expire_after_their_ttl() {
 #[tokio::test(flavor = "multi_thread")]
 async fn orphans_are_reaped() {
     let agent = connect_agent().await;
+    // Positive control: the in-sandbox zombie check sees a zombie under a parent that never
+    // reaps (the shell, exec'd into `sleep`, leaves its background child unreaped).
+    let mut first = execute("sleep 0 & exec sleep 300");
+    first["command_id"] = json!("zombie-maker");
+    let mut socket = agent.ws(first).await;
+    let maker = expect_started(&mut socket).await;
+    let parent = maker.started.as_ref().unwrap()["pid"].as_u64().unwrap() as u32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.zombie_children(parent).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the zombie under {parent} was never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed, its zombie passes to the agent, which must reap it too (checked below).
+    send(&mut socket, json!({"type": "kill"})).await;
+    drop(socket);
+    agent.wait_idle().await;
+
     let transcript = run(&agent, execute("sleep 0.1 & echo $!; exit 0")).await;
     assert_eq!(transcript.exit_code, Some(0));
     let orphan: u32 = transcript.stdout_text().trim().parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while process_exists(orphan) {
+    while agent.process_exists(orphan).await {
         assert!(Instant::now() < deadline, "orphan {orphan} never reaped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(zombie_children(agent.pid), Vec::<u32>::new());
+    assert_eq!(agent.zombie_children(agent.pid).await, Vec::<u32>::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,39 +157,32 @@ async fn health_counts_running_commands() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn listen_fd_serves_the_inherited_socket() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("inherited.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let fd = listener.as_raw_fd();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cordon-agent"));
-    command.arg("--listen-fd").arg(fd.to_string());
-    // SAFETY: only clears FD_CLOEXEC on the listener in the child before exec.
-    unsafe {
-        command.pre_exec(move || {
-            nix::fcntl::fcntl(
-                std::os::fd::BorrowedFd::borrow_raw(fd),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )?;
-            Ok(())
-        })
-    };
-    let mut agent = command.spawn().unwrap();
-    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-    let client = cordon_channel::AgentClient::connect(stream);
-    let mut ws = client.websocket("/execute/ws").await.unwrap();
+    let mut agent = connect_agent().await;
+    // The launcher starts the agent on the listening socket it inherits as fd 3.
+    let cmdline = agent.sh("tr '\\0' ' ' < /proc/1/cmdline").await;
+    assert_eq!(cmdline, "cordon-agent --listen-fd 3 ");
+    // The agent is not dumpable, so processes in the sandbox cannot look into its fds.
+    let peek = agent.exec("readlink /proc/1/fd/3").await;
+    assert_ne!(
+        peek.exit_code, 0,
+        "sandbox root read the agent's fds: {peek:?}"
+    );
+    // A fresh host connection is accepted on it and serves commands.
+    agent.sandbox.reconnect().await;
+    agent.client = agent.sandbox.client.clone();
+    let mut ws = agent.client.websocket("/execute/ws").await.unwrap();
     send(&mut ws, execute("echo via-fd")).await;
     let transcript = run_to_end(&mut ws).await;
     assert_eq!(transcript.stdout_text(), "via-fd\n");
-    agent.kill().unwrap();
-    agent.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_are_bounded_and_finished_ones_make_room() {
-    let agent = connect_agent_with(&["--max-commands", "2"]).await;
+    let agent = connect_agent_with(AgentConfig {
+        max_commands: 2,
+        ..AgentConfig::default()
+    })
+    .await;
     let mut first = execute("sleep 300");
     first["command_id"] = json!("one");
     let mut one = agent.ws(first).await;

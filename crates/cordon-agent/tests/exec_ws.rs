@@ -1,4 +1,5 @@
-//! `/execute/ws` against a real agent and real processes: the message contract of spec §3.3.
+//! `/execute/ws` against the agent as PID 1 of a real sandbox, with real processes: the message
+//! contract of spec §3.3.
 
 mod common;
 
@@ -164,7 +165,7 @@ async fn kill_then_immediate_close_kills_the_whole_process_group() {
         record(&mut transcript, recv_json(&mut socket).await);
     }
     let grandchild: u32 = transcript.stdout_text().trim().parse().unwrap();
-    assert!(process_exists(grandchild));
+    assert!(agent.process_exists(grandchild).await);
     // What the Python client does: kill, then close at once.
     socket
         .send(Message::text(json!({"type": "kill"}).to_string()))
@@ -173,7 +174,7 @@ async fn kill_then_immediate_close_kills_the_whole_process_group() {
     socket.close(None).await.unwrap();
     drop(socket);
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-    while process_exists(grandchild) {
+    while agent.process_exists(grandchild).await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "grandchild {grandchild} survived the kill"
@@ -259,21 +260,26 @@ async fn a_70_kb_command_is_accepted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn run_config_sets_env_and_work_dir_over_a_clean_environment() {
     let agent = connect_agent().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = agent.sh("mktemp -d").await.trim().to_string();
+    let canonical = agent.sh(&format!("cd '{dir}' && pwd -P")).await;
     let mut first = execute("echo $GREETING; pwd; env | cut -d= -f1 | sort | tr '\\n' ' '");
-    first["run_config"] = json!({"work_dir": dir.path(), "env_vars": {"GREETING": "hi"}});
+    first["run_config"] = json!({"work_dir": dir, "env_vars": {"GREETING": "hi"}});
     let transcript = run(&agent, first).await;
     let stdout = transcript.stdout_text();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "hi");
-    assert_eq!(
-        lines[1],
-        dir.path().canonicalize().unwrap().to_str().unwrap()
-    );
-    assert!(
-        !stdout.contains("CORDON_AGENT_LOG"),
-        "agent env leaked: {stdout}"
-    );
+    assert_eq!(lines[1], canonical.trim());
+    // Nothing of the agent's own environment is inherited: only the clean defaults, the
+    // run_config variable and what the shell itself exports.
+    let clean = [
+        "GREETING", "HOME", "HOSTNAME", "LOGNAME", "PATH", "PWD", "SHLVL", "USER",
+    ];
+    for name in lines[2].split_whitespace() {
+        assert!(
+            clean.contains(&name),
+            "agent env leaked: {name} in {stdout}"
+        );
+    }
     assert!(
         lines[2].contains("PATH") && lines[2].contains("HOME"),
         "{stdout}"
@@ -339,6 +345,30 @@ async fn unknown_command_id_is_command_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn reconnect_offsets_past_the_end_replay_nothing_and_change_nothing() {
+    let agent = connect_agent().await;
+    let mut first = execute("printf abc; printf de >&2");
+    first["command_id"] = json!("short");
+    // The clients' default shell is /bin/bash.
+    first["shell"] = json!("/bin/bash");
+    assert_eq!(run(&agent, first).await.stdout_text(), "abc");
+
+    let beyond = run(&agent, reconnect("short", 1 << 40, u64::MAX)).await;
+    assert_eq!(beyond.started.as_ref().unwrap()["command_id"], "short");
+    assert!(beyond.chunks.is_empty(), "replayed {:?}", beyond.chunks);
+    assert_eq!(beyond.exit_code, Some(0));
+    assert!(beyond.error.is_none() && beyond.other.is_empty());
+
+    // Offsets that are not byte counts are refused, and the session is still whole.
+    let negative = json!({"type": "reconnect", "command_id": "short", "stdout_offset": -1, "stderr_offset": 0});
+    let refused = run(&agent, negative).await;
+    assert_eq!(refused.error.as_ref().unwrap().0, "InvalidRequest");
+    let again = run(&agent, reconnect("short", 0, 0)).await;
+    assert_eq!(again.stdout_text(), "abc");
+    assert_eq!(again.stderr_text(), "de");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn output_beyond_the_buffer_with_nobody_attached_evicts_the_oldest() {
     let agent = connect_agent().await;
     agent.set_output_buffer(64 * 1024).await;
@@ -371,10 +401,7 @@ async fn an_attached_client_loses_nothing_when_output_exceeds_the_buffer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_config_user_switches_uid_gid_and_home() {
-    if !nix::unistd::Uid::current().is_root() {
-        eprintln!("skipped: switching users needs the agent to run as root");
-        return;
-    }
+    // The agent is root in the sandbox's user namespace, so it can always switch users.
     let agent = connect_agent().await;
     let mut first = execute("id -u; id -g; id -G; echo $HOME; echo $USER");
     first["run_config"] = json!({"user": "nobody"});
@@ -382,8 +409,9 @@ async fn run_config_user_switches_uid_gid_and_home() {
     assert_eq!(transcript.exit_code, Some(0), "{:?}", transcript.error);
     let stdout = transcript.stdout_text();
     let lines: Vec<&str> = stdout.lines().collect();
-    let nobody = std::fs::read_to_string("/etc/passwd")
-        .unwrap()
+    let nobody = agent
+        .sh("cat /etc/passwd")
+        .await
         .lines()
         .find(|line| line.starts_with("nobody:"))
         .map(|line| line.split(':').map(str::to_string).collect::<Vec<_>>())

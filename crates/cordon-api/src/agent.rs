@@ -21,6 +21,11 @@ pub struct AgentConfig {
     /// Largest file `POST /upload` accepts; `None` means [`DEFAULT_UPLOAD_MAX_BYTES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_max_bytes: Option<u64>,
+    /// Most command sessions kept at once, running or finished within their TTL (at least 1).
+    /// When full, the oldest finished session expires early; when all are running, new
+    /// commands are refused.
+    #[serde(default = "default_max_commands")]
+    pub max_commands: u64,
 }
 
 impl Default for AgentConfig {
@@ -30,6 +35,7 @@ impl Default for AgentConfig {
             run_config: RunConfig::default(),
             output_buffer_bytes: default_output_cap(),
             upload_max_bytes: None,
+            max_commands: default_max_commands(),
         }
     }
 }
@@ -39,6 +45,10 @@ pub const DEFAULT_UPLOAD_MAX_BYTES: u64 = 8 << 30;
 
 pub fn default_output_cap() -> u64 {
     16 * 1024 * 1024
+}
+
+pub fn default_max_commands() -> u64 {
+    1024
 }
 
 /// `GET /_cordon/health` answer.
@@ -57,5 +67,6 @@ mod tests {
         let from_json: AgentConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(AgentConfig::default(), from_json);
         assert!(AgentConfig::default().output_buffer_bytes > 0);
+        assert!(AgentConfig::default().max_commands > 0);
     }
 }

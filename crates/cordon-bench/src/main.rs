@@ -36,13 +36,42 @@ async fn main() -> Result<()> {
     runtime.create(spec(id, &TestOptions::default())).await?;
     runtime.start(id).await?;
     let client = AgentClient::connect(runtime.open_channel(id).await?);
-    let mut exec = Vec::with_capacity(EXEC_ROUNDS);
-    for _ in 0..EXEC_ROUNDS {
+    let exec_rounds = std::env::var("CORDON_BENCH_EXEC_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(EXEC_ROUNDS);
+    let mut exec = Vec::with_capacity(exec_rounds);
+    let mut phases = Phases::default();
+    let cpu_before = runtime.usage(id).await?.cpu_ns;
+    for _ in 0..exec_rounds {
         let started = Instant::now();
-        exec_true(&client).await?;
+        exec_true(&client, &mut phases).await?;
         exec.push(started.elapsed());
     }
+    // CPU the sandbox (agent and commands) spent per exec: unlike latency, barely moved by
+    // other load on the machine.
+    phases.sandbox_cpu_per_exec = Duration::from_nanos(
+        runtime.usage(id).await?.cpu_ns.saturating_sub(cpu_before) / exec_rounds.max(1) as u64,
+    );
+    let mut no_spawn = Vec::with_capacity(EXEC_ROUNDS);
+    for _ in 0..EXEC_ROUNDS {
+        let started = Instant::now();
+        reconnect_unknown(&client).await?;
+        no_spawn.push(started.elapsed());
+    }
     runtime.destroy(id).await?;
+    if std::env::var_os("CORDON_BENCH_EXEC_ONLY").is_some() {
+        table.row(
+            "P2 exec `true` over WebSocket",
+            &exec,
+            "host spawn `true`",
+            &host,
+            "p50 ≤ 2 ms, ≤ 4× host",
+        );
+        table.print();
+        phases.print(&no_spawn);
+        return Ok(());
+    }
     table.row(
         "P2 exec `true` over WebSocket",
         &exec,
@@ -82,6 +111,7 @@ async fn main() -> Result<()> {
         "",
     );
     table.print();
+    phases.print(&no_spawn);
     Ok(())
 }
 
@@ -97,18 +127,69 @@ fn runtime(state_dir: &Path) -> Result<Arc<NamespaceRuntime>> {
     Ok(Arc::new(NamespaceRuntime::new(config)?))
 }
 
+/// Where the time of each exec round trip went, as seen by the client.
+#[derive(Default)]
+struct Phases {
+    /// Stream open, HTTP upgrade and WebSocket handshake.
+    handshake: Vec<Duration>,
+    /// `execute` sent until `started` arrived: session creation and spawn.
+    to_started: Vec<Duration>,
+    /// `started` until `exit`: the command runs, is reaped, its pipes end.
+    to_exit: Vec<Duration>,
+    /// Mean CPU time of the sandbox's cgroup per exec.
+    sandbox_cpu_per_exec: Duration,
+}
+
+impl Phases {
+    fn print(&self, no_spawn: &[Duration]) {
+        println!();
+        println!("P2 breakdown (client side, p50 / p95):");
+        let rows = [
+            ("open stream + WebSocket handshake", &self.handshake[..]),
+            ("execute → started (session + spawn)", &self.to_started[..]),
+            ("started → exit (run, reap, pipes)", &self.to_exit[..]),
+            (
+                "whole round trip of a reconnect to an unknown id (no spawn)",
+                no_spawn,
+            ),
+        ];
+        for (name, samples) in rows {
+            let (p50, p95) = percentiles(samples);
+            println!("  {name:<62} {} / {}", ms(p50), ms(p95));
+        }
+        println!(
+            "  {:<62} {} (mean)",
+            "sandbox CPU per exec (agent + command)",
+            ms(self.sandbox_cpu_per_exec)
+        );
+    }
+}
+
 /// One `execute` of `true` on a new WebSocket, as the official clients do it, until `exit`.
-async fn exec_true(client: &AgentClient) -> Result<()> {
+async fn exec_true(client: &AgentClient, phases: &mut Phases) -> Result<()> {
+    let opened = Instant::now();
     let mut socket = client.websocket("/execute/ws").await?;
+    phases.handshake.push(opened.elapsed());
     let mut request = ExecuteRequest::new("true");
     request.shell = "/bin/sh".into();
     request.close_stdin = true;
     let message = serde_json::to_string(&ClientMessage::Execute(request))?;
+    let sent = Instant::now();
+    let mut started_at = None;
     socket.send(Message::text(message)).await?;
     while let Some(frame) = socket.next().await {
         if let Message::Text(text) = frame? {
             match serde_json::from_str::<ServerMessage>(&text)? {
-                ServerMessage::Exit { exit_code: 0 } => return Ok(()),
+                ServerMessage::Started { .. } => {
+                    phases.to_started.push(sent.elapsed());
+                    started_at = Some(Instant::now());
+                }
+                ServerMessage::Exit { exit_code: 0 } => {
+                    if let Some(started_at) = started_at {
+                        phases.to_exit.push(started_at.elapsed());
+                    }
+                    return Ok(());
+                }
                 ServerMessage::Exit { exit_code } => bail!("`true` exited {exit_code}"),
                 ServerMessage::Error { error, .. } => bail!("exec failed: {error}"),
                 _ => {}
@@ -116,6 +197,27 @@ async fn exec_true(client: &AgentClient) -> Result<()> {
         }
     }
     bail!("socket closed before exit")
+}
+
+/// The same WebSocket round trip without a spawn: a `reconnect` to an id that does not exist,
+/// answered with an `error`.
+async fn reconnect_unknown(client: &AgentClient) -> Result<()> {
+    let mut socket = client.websocket("/execute/ws").await?;
+    let message = serde_json::json!({
+        "type": "reconnect",
+        "command_id": "no-such-command",
+        "stdout_offset": 0,
+        "stderr_offset": 0,
+    });
+    socket.send(Message::text(message.to_string())).await?;
+    while let Some(frame) = socket.next().await {
+        if let Message::Text(text) = frame? {
+            if let ServerMessage::Error { .. } = serde_json::from_str::<ServerMessage>(&text)? {
+                return Ok(());
+            }
+        }
+    }
+    bail!("socket closed before the error")
 }
 
 fn bwrap_true(rootfs: &Path) -> Command {

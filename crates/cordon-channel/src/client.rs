@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::framed_io::FramedIo;
 use crate::{yamux_config, ChannelError, ChannelStream};
 
 type StreamReply = oneshot::Sender<Result<yamux::Stream, ChannelError>>;
@@ -35,7 +36,11 @@ impl AgentClient {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connection = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Client);
+        let connection = yamux::Connection::new(
+            FramedIo::new(io.compat()),
+            yamux_config(),
+            yamux::Mode::Client,
+        );
         let (open_requests, requests) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             if let Err(error) = drive(connection, requests).await {

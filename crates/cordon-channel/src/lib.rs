@@ -6,6 +6,7 @@
 //! [`serve`]; the host side is [`AgentClient`].
 
 mod client;
+mod framed_io;
 mod server;
 
 pub use client::{AgentClient, WebSocket};

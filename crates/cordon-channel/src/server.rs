@@ -5,6 +5,7 @@ use std::future::poll_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::framed_io::FramedIo;
 use crate::{yamux_config, ChannelError, ChannelStream};
 
 /// Runs the server end of the channel over `io` until the host closes it. `on_stream` is called
@@ -14,7 +15,11 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut(ChannelStream),
 {
-    let mut connection = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Server);
+    let mut connection = yamux::Connection::new(
+        FramedIo::new(io.compat()),
+        yamux_config(),
+        yamux::Mode::Server,
+    );
     // Polling for inbound streams is also what drives the I/O of every open stream.
     while let Some(stream) = poll_fn(|cx| connection.poll_next_inbound(cx)).await {
         on_stream(stream?.compat());

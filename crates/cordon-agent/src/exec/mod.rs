@@ -26,9 +26,6 @@ use crate::AppState;
 use session::Lifecycle;
 use spawn::{SpawnError, SpawnPlan};
 
-/// Default for the most sessions kept at once, running or finished. When full, the oldest
-/// finished session expires early; when all are running, new commands are refused.
-pub const DEFAULT_MAX_SESSIONS: usize = 1024;
 /// How many expired ids we remember, to answer `SessionExpired` rather than `CommandNotFound`.
 const MAX_TOMBSTONES: usize = 4096;
 /// Largest `POST /execute*` body: commands of 70 KB and more are normal (spec §3.3.2).
@@ -96,7 +93,6 @@ impl axum::response::IntoResponse for ExecError {
 }
 
 struct Sessions {
-    max: usize,
     by_id: HashMap<String, Arc<Session>>,
     expired: HashSet<String>,
     expired_order: VecDeque<String>,
@@ -126,24 +122,24 @@ impl Sessions {
         }
     }
 
-    /// Makes room for one more session, expiring the oldest finished one if needed.
-    fn make_room(&mut self) -> Result<(), ExecError> {
-        if self.by_id.len() < self.max {
-            return Ok(());
-        }
-        let oldest_finished = self
-            .by_id
-            .values()
-            .filter(|session| !session.is_running())
-            .min_by_key(|session| session.finished_at())
-            .map(|session| session.id.clone());
-        match oldest_finished {
-            Some(id) => {
-                self.expire(&id);
-                Ok(())
+    /// Makes room for one more session under a cap of `max` (`AgentConfig::max_commands`, at
+    /// least 1), expiring the oldest finished ones as needed (more than one when the cap was
+    /// lowered since).
+    fn make_room(&mut self, max: u64) -> Result<(), ExecError> {
+        let max = usize::try_from(max.max(1)).unwrap_or(usize::MAX);
+        while self.by_id.len() >= max {
+            let oldest_finished = self
+                .by_id
+                .values()
+                .filter(|session| !session.is_running())
+                .min_by_key(|session| session.finished_at())
+                .map(|session| session.id.clone());
+            match oldest_finished {
+                Some(id) => self.expire(&id),
+                None => return Err(ExecError::TooManyCommands(max)),
             }
-            None => Err(ExecError::TooManyCommands(self.max)),
         }
+        Ok(())
     }
 }
 
@@ -159,10 +155,10 @@ struct RegistryInner {
 }
 
 impl Registry {
-    /// A registry that keeps at most `max_sessions` sessions (at least one).
-    pub fn new(reaper: Reaper, max_sessions: usize) -> Self {
+    /// An empty registry. How many sessions it keeps is `AgentConfig::max_commands` at the
+    /// time of each new command.
+    pub fn new(reaper: Reaper) -> Self {
         let sessions = Sessions {
-            max: max_sessions.max(1),
             by_id: HashMap::new(),
             expired: HashSet::new(),
             expired_order: VecDeque::new(),
@@ -225,7 +221,7 @@ impl Registry {
         if let Some(existing) = sessions.by_id.get(&id) {
             return Ok(existing.clone());
         }
-        sessions.make_room()?;
+        sessions.make_room(config.max_commands)?;
         let spawned = plan.spawn(&self.inner.reaper)?;
         let registry = self.clone();
         let on_expire = move |session: &Arc<Session>| registry.lock().expire_session(session);

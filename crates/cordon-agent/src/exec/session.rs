@@ -26,6 +26,10 @@ const EXIT_GRACE: Duration = Duration::from_millis(200);
 const PIPE_BYTES: i32 = 1 << 20;
 /// Largest single read from a command's pipe: fewer wake-ups on fast output.
 const PUMP_READ_BYTES: usize = 256 * 1024;
+/// First read buffer of a pump; it grows to [`PUMP_READ_BYTES`] once a read fills it. Most
+/// commands print little, and a large buffer per stream per command costs page faults and
+/// allocator trimming (`madvise`) on every command.
+const PUMP_FIRST_READ_BYTES: usize = 16 * 1024;
 /// How long output an SSE client was asked to acknowledge stays protected while it comes back
 /// to resume (its retry backoff is at most 8 s, five times).
 const ACK_WAIT: Duration = Duration::from_secs(60);
@@ -559,7 +563,7 @@ fn register_fds(
 /// Moves one stream's bytes from the pipe into its buffer, pausing while attached clients
 /// still need every byte that appending would evict.
 async fn pump(session: Arc<Session>, stream: usize, fd: CommandFd) {
-    let mut buf = vec![0u8; PUMP_READ_BYTES];
+    let mut buf = vec![0u8; PUMP_FIRST_READ_BYTES];
     let mut room_changes = session.room_changed.subscribe();
     let mut lifecycle = session.lifecycle_changed.subscribe();
     let mut waited_after_exit = Duration::ZERO;
@@ -580,10 +584,16 @@ async fn pump(session: Arc<Session>, stream: usize, fd: CommandFd) {
             continue;
         }
         let grace_end = exited_at.map(|at| at + EXIT_GRACE + waited_after_exit);
+        let want = room.min(buf.len());
         tokio::select! {
-            read = fd.read(&mut buf[..room.min(PUMP_READ_BYTES)]) => match read {
+            read = fd.read(&mut buf[..want]) => match read {
                 Ok(0) => break,
-                Ok(n) => session.append(stream, &buf[..n]),
+                Ok(n) => {
+                    session.append(stream, &buf[..n]);
+                    if n == buf.len() && buf.len() < PUMP_READ_BYTES {
+                        buf.resize(PUMP_READ_BYTES, 0);
+                    }
+                }
                 Err(error) => {
                     tracing::debug!(command_id = %session.id, %error, "output read failed");
                     break;

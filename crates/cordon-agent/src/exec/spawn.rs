@@ -1,19 +1,23 @@
 //! Starting a command: `shell -c command` in its own session, as the run user, in the work
-//! dir, with a clean environment and no inherited descriptors.
+//! dir (or the run user's home), with a clean environment and no inherited descriptors.
 
+mod child;
+
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use cordon_api::RunConfig;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::unistd::{Gid, Uid};
 use tokio::sync::oneshot;
 
 use crate::identity::{self, Identity};
 use crate::reaper::{ExitCode, Reaper};
+use child::{ChildSetup, Credentials, Program, StartDir};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The clients' default shell; images without bash (alpine, distroless) get `/bin/sh`.
@@ -58,34 +62,84 @@ impl SpawnPlan {
     pub fn spawn(self, reaper: &Reaper) -> Result<Spawned, SpawnError> {
         self.run_config.validate()?;
         let identity = run_identity(self.run_config.user.as_deref())?;
-        let work_dir = match &self.run_config.work_dir {
-            Some(dir) if !Path::new(dir).is_dir() => {
-                return Err(SpawnError::MissingWorkDir(dir.clone()))
-            }
-            Some(dir) => Some(CString::new(dir.as_str()).map_err(|_| SpawnError::Nul("work_dir"))?),
-            None => None,
-        };
-        if self.command.contains('\0') {
-            return Err(SpawnError::Nul("command"));
-        }
+        let start_dir = start_dir(self.run_config.work_dir.as_deref(), &identity.home)?;
+        let env = command_env(&identity, &self.run_config, self.pty);
         let shell = pick_shell(&self.shell);
-        let mut command = Command::new(&shell);
-        command
-            .arg("-c")
-            .arg(&self.command)
-            .env_clear()
-            .envs(command_env(&identity, &self.run_config, self.pty));
-        let switch = UserSwitch::for_identity(&identity);
+        let program = shell_program(&shell, &self.command, env)?;
+        let credentials = credentials_for(&identity);
         let start_error = |source| SpawnError::Start {
             shell: shell.clone(),
             source,
         };
+        let setup = |stdio, controlling_tty| ChildSetup {
+            stdio,
+            controlling_tty,
+            credentials,
+            start_dir,
+        };
         if self.pty {
-            spawn_on_pty(command, switch, work_dir, reaper).map_err(start_error)
+            spawn_on_pty(&program, setup, reaper).map_err(start_error)
         } else {
-            spawn_on_pipes(command, switch, work_dir, self.close_stdin, reaper).map_err(start_error)
+            spawn_on_pipes(&program, setup, self.close_stdin, reaper).map_err(start_error)
         }
     }
+}
+
+/// Where a command starts: the configured `work_dir`, which must exist; without one, the run
+/// user's home when it is a directory (relative file API paths resolve against it too), else
+/// `/`. A home the user cannot enter also falls back to `/`.
+fn start_dir(work_dir: Option<&str>, home: &str) -> Result<StartDir, SpawnError> {
+    let c_path = |path: &str, what| CString::new(path).map_err(|_| SpawnError::Nul(what));
+    match work_dir {
+        Some(dir) if !Path::new(dir).is_dir() => Err(SpawnError::MissingWorkDir(dir.to_string())),
+        Some(dir) => Ok(StartDir::Required(c_path(dir, "work_dir")?)),
+        None if home.starts_with('/') && Path::new(home).is_dir() => {
+            Ok(StartDir::OrRoot(c_path(home, "home")?))
+        }
+        None => Ok(StartDir::Required(c"/".to_owned())),
+    }
+}
+
+/// `shell -c command` with `env` (later entries override earlier ones with the same name).
+fn shell_program(
+    shell: &str,
+    command: &str,
+    env: Vec<(String, String)>,
+) -> Result<Program, SpawnError> {
+    let c_string = |text: String, what| CString::new(text).map_err(|_| SpawnError::Nul(what));
+    let env: BTreeMap<String, String> = env.into_iter().collect();
+    let path = resolve_program(shell, env.get("PATH").map(String::as_str))?;
+    let args = vec![
+        c_string(shell.to_string(), "shell")?,
+        c"-c".to_owned(),
+        c_string(command.to_string(), "command")?,
+    ];
+    let env = env
+        .into_iter()
+        .map(|(name, value)| c_string(format!("{name}={value}"), "env_vars"))
+        .collect::<Result<_, _>>()?;
+    Ok(Program::new(c_string(path, "shell")?, args, env))
+}
+
+/// A shell named without a slash is looked up in the command's own `PATH`, like `execvp`.
+fn resolve_program(shell: &str, path: Option<&str>) -> Result<String, SpawnError> {
+    if shell.contains('/') {
+        return Ok(shell.to_string());
+    }
+    let executable = |candidate: &Path| {
+        candidate
+            .metadata()
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    path.unwrap_or(DEFAULT_PATH)
+        .split(':')
+        .map(|dir| Path::new(if dir.is_empty() { "." } else { dir }).join(shell))
+        .find(|candidate| executable(candidate))
+        .map(|found| found.to_string_lossy().into_owned())
+        .ok_or_else(|| SpawnError::Start {
+            shell: shell.to_string(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        })
 }
 
 fn pick_shell(requested: &str) -> String {
@@ -134,134 +188,197 @@ fn command_env(identity: &Identity, run_config: &RunConfig, pty: bool) -> Vec<(S
     env
 }
 
-/// The credentials change done in the child; `None` when it already runs as that user.
-#[derive(Clone)]
-struct UserSwitch(Option<(Vec<Gid>, Gid, Uid)>);
-
-impl UserSwitch {
-    fn for_identity(identity: &Identity) -> Self {
-        let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
-        if !Uid::current().is_root() && uid == Uid::current() && gid == Gid::current() {
-            return UserSwitch(None);
-        }
-        let groups = identity.groups.iter().copied().map(Gid::from_raw).collect();
-        UserSwitch(Some((groups, gid, uid)))
+/// The credentials the child switches to; `None` when it already runs as that user.
+fn credentials_for(identity: &Identity) -> Option<Credentials> {
+    let (uid, gid) = (Uid::from_raw(identity.uid), Gid::from_raw(identity.gid));
+    if !Uid::current().is_root() && uid == Uid::current() && gid == Gid::current() {
+        return None;
     }
-
-    /// Runs in the forked child: async-signal-safe calls only, nothing allocated.
-    fn apply(&self) -> io::Result<()> {
-        if let Some((groups, gid, uid)) = &self.0 {
-            nix::unistd::setgroups(groups)?;
-            nix::unistd::setgid(*gid)?;
-            nix::unistd::setuid(*uid)?;
-        }
-        Ok(())
-    }
+    Some(Credentials {
+        uid: identity.uid,
+        gid: identity.gid,
+        groups: identity.groups.clone(),
+    })
 }
 
-/// The child-side setup shared by pipes and PTY, after std has wired fds 0-2.
-fn child_setup(switch: &UserSwitch, work_dir: Option<&CString>, pty: bool) -> io::Result<()> {
-    nix::unistd::setsid()?;
-    if pty {
-        // SAFETY: fd 0 is the PTY slave; TIOCSCTTY takes an int argument and touches no memory.
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    switch.apply()?;
-    if let Some(dir) = work_dir {
-        // After the user switch, so the user's own permissions decide.
-        nix::unistd::chdir(dir.as_c_str())?;
-    }
-    mark_inherited_fds_cloexec();
-    Ok(())
+/// A pipe whose ends are close-on-exec and not fds 0-2 (the child's stdio slots).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    Ok((above_stdio(read)?, above_stdio(write)?))
 }
 
-/// Nothing but fds 0-2 may survive exec. CLOEXEC rather than close keeps std's own exec-error
-/// pipe working.
-fn mark_inherited_fds_cloexec() {
-    // SAFETY: close_range only changes fd flags; no memory is passed.
-    let done = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if done != 0 {
-        // Kernels before 5.11: flag them one by one.
-        for fd in 3..65536 {
-            // SAFETY: F_SETFD on a closed fd fails harmlessly with EBADF.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        }
+/// `fd`, or a close-on-exec copy of it at 3 or above when it is one of 0-2 (only when the
+/// agent itself runs with stdio closed).
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
     }
+    let raw = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
 fn spawn_on_pipes(
-    mut command: Command,
-    switch: UserSwitch,
-    work_dir: Option<CString>,
+    program: &Program,
+    setup: impl FnOnce([i32; 3], bool) -> ChildSetup,
     close_stdin: bool,
     reaper: &Reaper,
 ) -> io::Result<Spawned> {
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure only makes async-signal-safe syscalls on data prepared before fork.
-    unsafe { command.pre_exec(move || child_setup(&switch, work_dir.as_ref(), false)) };
-    let (mut child, exit) = reaper.spawn(&mut command)?;
-    let stdin = child
-        .stdin
-        .take()
-        .map(OwnedFd::from)
-        .filter(|_| !close_stdin);
-    let stdout = OwnedFd::from(child.stdout.take().ok_or_else(missing_pipe)?);
-    let stderr = OwnedFd::from(child.stderr.take().ok_or_else(missing_pipe)?);
+    let (stdin_read, stdin_write) = pipe()?;
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
+    let setup = setup(
+        [
+            stdin_read.as_raw_fd(),
+            stdout_write.as_raw_fd(),
+            stderr_write.as_raw_fd(),
+        ],
+        false,
+    );
+    let (pid, exit) = reaper.spawn(|| child::spawn(program, &setup))?;
+    // Our copies of the child's ends go, so its exit is the end of its output.
+    drop((stdin_read, stdout_write, stderr_write));
     Ok(Spawned {
-        pid: child.id() as i32,
-        stdin,
-        stdout,
-        stderr: Some(stderr),
+        pid,
+        // Dropping the write end at once is how stdin gets closed at spawn.
+        stdin: Some(stdin_write).filter(|_| !close_stdin),
+        stdout: stdout_read,
+        stderr: Some(stderr_read),
         exit,
     })
 }
 
 fn spawn_on_pty(
-    mut command: Command,
-    switch: UserSwitch,
-    work_dir: Option<CString>,
+    program: &Program,
+    setup: impl FnOnce([i32; 3], bool) -> ChildSetup,
     reaper: &Reaper,
 ) -> io::Result<Spawned> {
     let pty = nix::pty::openpty(None, None)?;
-    set_cloexec(&pty.master)?;
-    command
-        .stdin(Stdio::from(pty.slave.try_clone()?))
-        .stdout(Stdio::from(pty.slave.try_clone()?))
-        .stderr(Stdio::from(pty.slave.try_clone()?));
-    // SAFETY: as for pipes; TIOCSCTTY is a plain ioctl.
-    unsafe { command.pre_exec(move || child_setup(&switch, work_dir.as_ref(), true)) };
-    let (child, exit) = reaper.spawn(&mut command)?;
-    // Our copies of the slave must go, or reading the master never sees the hangup.
-    drop(command);
-    drop(pty.slave);
-    let input = pty.master.try_clone()?;
+    fcntl(&pty.master, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    fcntl(&pty.slave, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    let master = above_stdio(pty.master)?;
+    let slave = above_stdio(pty.slave)?;
+    let setup = setup([slave.as_raw_fd(); 3], true);
+    let (pid, exit) = reaper.spawn(|| child::spawn(program, &setup))?;
+    // Our copy of the slave must go, or reading the master never sees the hangup.
+    drop(slave);
+    let input = master.try_clone()?;
     Ok(Spawned {
-        pid: child.id() as i32,
+        pid,
         stdin: Some(input),
-        stdout: pty.master,
+        stdout: master,
         stderr: None,
         exit,
     })
 }
 
-fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
 
-fn missing_pipe() -> io::Error {
-    io::Error::other("child pipe missing")
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+
+    use super::*;
+
+    #[test]
+    fn start_dir_is_work_dir_else_home_else_root() {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path().to_str().unwrap();
+        let dir = |start: StartDir| match start {
+            StartDir::Required(path) => ("required", path.into_string().unwrap()),
+            StartDir::OrRoot(path) => ("or root", path.into_string().unwrap()),
+        };
+        assert_eq!(
+            dir(start_dir(Some("/tmp"), home).unwrap()),
+            ("required", "/tmp".to_string())
+        );
+        assert!(matches!(
+            start_dir(Some("/no/such/dir"), home),
+            Err(SpawnError::MissingWorkDir(_))
+        ));
+        assert_eq!(
+            dir(start_dir(None, home).unwrap()),
+            ("or root", home.to_string())
+        );
+        assert_eq!(
+            dir(start_dir(None, "/nonexistent").unwrap()),
+            ("required", "/".to_string())
+        );
+    }
+
+    #[test]
+    fn shell_without_a_slash_is_found_on_the_commands_path() {
+        assert_eq!(resolve_program("/bin/sh", None).unwrap(), "/bin/sh");
+        let found = resolve_program("sh", Some("/nonexistent:/bin")).unwrap();
+        assert_eq!(found, "/bin/sh");
+        assert!(resolve_program("no-such-shell", Some("/bin")).is_err());
+    }
+
+    /// Runs `command` in `start`, returning its stdout and exit status.
+    fn run(shell: &str, command: &str, start: StartDir) -> io::Result<(String, WaitStatus)> {
+        let env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+        let program = shell_program(shell, command, env).map_err(io::Error::other)?;
+        let (stdin_read, _stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (_stderr_read, stderr_write) = pipe()?;
+        let setup = ChildSetup {
+            stdio: [
+                stdin_read.as_raw_fd(),
+                stdout_write.as_raw_fd(),
+                stderr_write.as_raw_fd(),
+            ],
+            controlling_tty: false,
+            credentials: None,
+            start_dir: start,
+        };
+        let pid = child::spawn(&program, &setup)?;
+        drop((stdout_write, stderr_write));
+        let mut output = String::new();
+        std::fs::File::from(stdout_read).read_to_string(&mut output)?;
+        let status = waitpid(Pid::from_raw(pid), None)?;
+        Ok((output, status))
+    }
+
+    #[test]
+    fn child_runs_in_its_own_session_and_dir_with_only_stdio() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::fs::canonicalize(dir.path()).unwrap();
+        let start = StartDir::Required(CString::new(path.to_str().unwrap()).unwrap());
+        // An fd of ours without close-on-exec must still not reach the command.
+        let leaky = std::fs::File::open("/dev/null").unwrap();
+        let leaky = nix::unistd::dup(&leaky).unwrap();
+        let command = format!(
+            "cut -d' ' -f6 /proc/$$/stat; echo $$; pwd -P; \
+             if [ -e /proc/$$/fd/{fd} ]; then echo leaked; else echo closed; fi",
+            fd = leaky.as_raw_fd()
+        );
+        let (output, status) = run("/bin/sh", &command, start).unwrap();
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines.len(), 4, "{output}");
+        assert_eq!(lines[0], lines[1], "session id is the shell's pid");
+        assert_eq!(lines[2], path.to_str().unwrap());
+        assert_eq!(lines[3], "closed");
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    }
+
+    #[test]
+    fn unenterable_home_falls_back_to_root() {
+        let start = StartDir::OrRoot(c"/no/such/home".to_owned());
+        let (output, _) = run("/bin/sh", "pwd", start).unwrap();
+        assert_eq!(output.trim(), "/");
+    }
+
+    #[test]
+    fn failures_before_exec_are_reported() {
+        let missing = run("/no/such/shell", "true", StartDir::OrRoot(c"/".to_owned()));
+        let error = missing.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
+        let no_dir = run(
+            "/bin/sh",
+            "true",
+            StartDir::Required(c"/no/such".to_owned()),
+        );
+        assert!(no_dir.unwrap_err().to_string().contains("work dir"));
+    }
 }

@@ -1,72 +1,188 @@
-//! Shared test harness: a connected agent, and small protocol helpers.
+//! Shared test harness: the real static `cordon-agent` running as PID 1 of a real namespace
+//! sandbox (booted by `cordon_testkit`), reached over the real channel; and small protocol
+//! helpers.
+//!
+//! Everything a test checks about processes (their existence, zombies under the agent) is
+//! checked inside the sandbox, through the agent's `POST /execute` run as the sandbox's root.
+//!
+//! Needs what `cordon_testkit` needs: root, `/bin/busybox`, the static agent (`make agent`) and
+//! `target/debug/cordon-nsinit` (`cargo build -p cordon-runtime`).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
+use cordon_api::agent::AgentConfig;
+use cordon_api::exec::{HttpExecuteRequest, HttpExecuteResponse};
+use cordon_api::RunConfig;
 use cordon_channel::{AgentClient, WebSocket};
+use cordon_testkit::{TestOptions, TestSandbox};
 use futures::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Longest any single wait in a test may take before it counts as a hang.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running agent and a client connected to it. Dropping it kills the agent.
+/// The agent's pid inside its sandbox: it is the sandbox's init.
+pub const AGENT_PID: u32 = 1;
+
+/// Longest an inspection command may run inside the sandbox.
+const SH_TIMEOUT_SECONDS: i64 = 60;
+
+/// A sandbox running the agent, and a client connected to it. Dropping it destroys the sandbox
+/// (and with it every process the agent started).
 pub struct Agent {
+    pub sandbox: TestSandbox,
     pub client: AgentClient,
-    /// The agent's pid, for checking its children.
+    /// The agent's pid as seen inside the sandbox (always [`AGENT_PID`]), for checking its
+    /// children there.
     pub pid: u32,
-    _process: tokio::process::Child,
-    _dir: tempfile::TempDir,
 }
 
-/// Starts an agent and connects to it.
+/// Boots a sandbox with the default agent config and connects to its agent.
 pub async fn connect_agent() -> Agent {
-    connect_agent_with(&[]).await
+    connect_agent_with(AgentConfig::default()).await
 }
 
-/// Starts an agent with extra command-line arguments and connects to it. The one place that
-/// decides where the agent runs: today a plain process listening on a unix socket in a
-/// temporary directory.
-pub async fn connect_agent_with(extra_args: &[&str]) -> Agent {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("agent.sock");
-    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_cordon-agent"))
-        .arg("--listen-unix")
-        .arg(&socket)
-        .args(extra_args)
-        .env(
-            "CORDON_AGENT_LOG",
-            std::env::var("CORDON_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning cordon-agent");
-    let pid = process.id().expect("agent pid");
-    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-    let stream = loop {
-        match UnixStream::connect(&socket).await {
-            Ok(stream) => break stream,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(error) => panic!("agent never listened: {error}"),
-        }
+/// Boots a sandbox and sets `config` with `PUT /_cordon/config` (as the server does), the one
+/// way to configure the agent. The one place that decides where the agent runs: as PID 1 of a
+/// real namespace sandbox.
+pub async fn connect_agent_with(config: AgentConfig) -> Agent {
+    let sandbox = TestSandbox::start(TestOptions::default()).await;
+    let client = sandbox.client.clone();
+    let agent = Agent {
+        sandbox,
+        client,
+        pid: AGENT_PID,
     };
-    Agent {
-        client: AgentClient::connect(stream),
-        pid,
-        _process: process,
-        _dir: dir,
-    }
+    // The agent really is PID 1 of a sandbox: a command's parent is pid 1, and root is some
+    // unprivileged host uid.
+    let probe = agent.sh("echo $PPID; cat /proc/self/uid_map").await;
+    let mut lines = probe.lines();
+    assert_eq!(
+        lines.next(),
+        Some(AGENT_PID.to_string().as_str()),
+        "the agent is not PID 1: {probe:?}"
+    );
+    let map: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        map.len() == 3 && map[0] == "0" && map[1] != "0",
+        "not in a sandbox user namespace: {probe:?}"
+    );
+    agent.put_config(&config).await;
+    agent
 }
 
 impl Agent {
+    /// `PUT /_cordon/config` with `config`; it replaces the whole sandbox-level config.
+    pub async fn put_config(&self, config: &AgentConfig) {
+        let body = serde_json::to_value(config).expect("config as JSON");
+        let (status, reply) = self.request_json("PUT", "/_cordon/config", body).await;
+        assert_eq!(status, 204, "PUT /_cordon/config: {reply}");
+    }
+
+    /// Runs `command` with `/bin/sh -c` inside the sandbox as root (whatever run user the
+    /// sandbox config names), through the agent's `POST /execute`.
+    pub async fn exec(&self, command: &str) -> HttpExecuteResponse {
+        let body = HttpExecuteRequest {
+            command: command.to_string(),
+            timeout: SH_TIMEOUT_SECONDS,
+            shell: "/bin/sh".into(),
+            env: None,
+            cwd: None,
+            run_config: Some(RunConfig {
+                user: Some("root".into()),
+                ..Default::default()
+            }),
+        };
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("/execute")
+            .header("host", "agent")
+            .header("content-type", "application/json")
+            .body(Bytes::from(
+                serde_json::to_vec(&body).expect("request JSON"),
+            ))
+            .expect("request");
+        let wait = Duration::from_secs(SH_TIMEOUT_SECONDS as u64 + 30);
+        let response = tokio::time::timeout(wait, self.client.request_bytes(request))
+            .await
+            .unwrap_or_else(|_| panic!("`{command}` timed out"))
+            .unwrap_or_else(|error| panic!("`{command}`: {error}"));
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(
+            status.is_success(),
+            "`{command}`: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            panic!("`{command}` ({error}): {}", String::from_utf8_lossy(&bytes))
+        })
+    }
+
+    /// Runs `command` inside the sandbox as root, asserts it exited 0 and returns its stdout.
+    pub async fn sh(&self, command: &str) -> String {
+        let output = self.exec(command).await;
+        assert_eq!(output.exit_code, 0, "`{command}` failed: {output:?}");
+        output.stdout
+    }
+
+    /// Whether `pid` (a pid inside the sandbox) still exists there; a zombie counts as
+    /// existing.
+    pub async fn process_exists(&self, pid: u32) -> bool {
+        let output = self.exec(&format!("test -e /proc/{pid}")).await;
+        match output.exit_code {
+            0 => true,
+            1 => false,
+            _ => panic!("test -e /proc/{pid}: {output:?}"),
+        }
+    }
+
+    /// Zombie children of `parent` inside the sandbox (pids as seen there), from every
+    /// `/proc/<pid>/stat` of the sandbox.
+    pub async fn zombie_children(&self, parent: u32) -> Vec<u32> {
+        // Processes may vanish between the glob and the read: cat then fails for that one.
+        let stats = self.sh("cat /proc/[0-9]*/stat 2>/dev/null; true").await;
+        let mut zombies = Vec::new();
+        let mut saw_init = false;
+        for stat in stats.lines() {
+            let Some((pid, rest)) = stat.split_once(' ') else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
+            saw_init |= pid == AGENT_PID;
+            // Fields after the parenthesised command name: state, ppid, ...
+            let Some(after_name) = rest.rsplit_once(')').map(|(_, rest)| rest) else {
+                continue;
+            };
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            if fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str()) {
+                zombies.push(pid);
+            }
+        }
+        assert!(
+            saw_init,
+            "no /proc/1/stat in the sandbox's /proc: {stats:?}"
+        );
+        zombies
+    }
+
     /// Sends one JSON request; returns the status and the JSON body (`Null` when empty).
     pub async fn request_json(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
         let (status, bytes) = self
@@ -343,31 +459,4 @@ pub fn base64_decode(data: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(data.as_str().expect("base64 string"))
         .expect("base64")
-}
-
-/// Whether `pid` still exists (a zombie counts as existing).
-pub fn process_exists(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Zombie children of `parent`.
-pub fn zombie_children(parent: u32) -> Vec<u32> {
-    let mut zombies = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let Some(after_name) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            continue;
-        };
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        if fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str()) {
-            zombies.push(pid);
-        }
-    }
-    zombies
 }
