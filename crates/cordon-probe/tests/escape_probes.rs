@@ -228,11 +228,17 @@ fn weaken(apply: impl FnOnce(&mut Weakening)) -> Weakening {
 }
 
 /// Row 2, CVE-2024-21626: no fd or cwd of any sandbox process points outside its root.
-/// Control: `leak_host_fd` leaves an fd to the host sandbox dir open in the agent.
+/// Control: `leak_host_fd` leaves an fd to the host sandbox dir open in the agent. The agent is
+/// not dumpable, so sandbox processes can reach its fds only with CAP_SYS_PTRACE: the control
+/// also keeps every capability.
 #[tokio::test]
 async fn row02_fd_leak() {
     assert_confined(&hardened(&["fd-leak"]).await);
-    let report = probe_with(weaken(|w| w.leak_host_fd = true), &["fd-leak"]).await;
+    let leaky = weaken(|w| {
+        w.leak_host_fd = true;
+        w.all_capabilities = true;
+    });
+    let report = probe_with(leaky, &["fd-leak"]).await;
     assert_exposed(&report, "resolves outside the sandbox root");
 }
 

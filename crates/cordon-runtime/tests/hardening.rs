@@ -104,15 +104,26 @@ async fn proc_is_masked_and_mountinfo_shows_no_host_paths() {
 
 #[tokio::test]
 async fn the_agent_binary_is_a_sealed_memfd_and_no_host_fd_leaks() {
-    let probe = "readlink /proc/1/exe; (echo x >> /proc/1/exe) 2>/dev/null; echo write=$?; \
-                 for f in /proc/1/fd/*; do [ -d \"$f\" ] && echo \"dirfd $f\"; done; true";
+    let probe = "readlink /proc/1/exe || echo exe=denied; (echo x >> /proc/1/exe) 2>/dev/null; \
+                 echo write=$?; for f in /proc/1/fd/*; do [ -d \"$f\" ] && echo \"dirfd $f\"; done; true";
+    // The agent is not dumpable: sandbox processes cannot even look at its exe or fds.
     let out = sandbox(Weakening::default()).await.sh(probe).await;
+    assert!(out.starts_with("exe=denied"), "{out}");
+    assert!(out.contains("write=1"), "{out}");
+    assert!(!out.contains("dirfd"), "{out}");
+    // With every capability (CAP_SYS_PTRACE) PID 1 can be inspected: its exe is the sealed
+    // memfd, which still cannot be written, and it holds no directory fd.
+    let inspectable = Weakening {
+        all_capabilities: true,
+        ..Weakening::default()
+    };
+    let out = sandbox(inspectable.clone()).await.sh(probe).await;
     assert!(out.starts_with("/memfd:cordon-agent"), "{out}");
     assert!(out.contains("write=1"), "{out}");
     assert!(!out.contains("dirfd"), "{out}");
     let weak = sandbox(Weakening {
         leak_host_fd: true,
-        ..Weakening::default()
+        ..inspectable
     })
     .await
     .sh(probe)

@@ -130,12 +130,23 @@ fn socket_inodes_held_by_visible_processes() -> (HashSet<u64>, usize) {
             }
             continue;
         };
+        // A non-dumpable process (the agent) lists its fd directory but refuses each link.
+        let mut refused = false;
         for entry in entries.flatten() {
-            if let Ok(target) = std::fs::read_link(entry.path()) {
-                if let Some(inode) = socket_inode(&target.to_string_lossy()) {
-                    held.insert(inode);
+            match std::fs::read_link(entry.path()) {
+                Ok(target) => {
+                    if let Some(inode) = socket_inode(&target.to_string_lossy()) {
+                        held.insert(inode);
+                    }
                 }
+                Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                    refused = true
+                }
+                Err(_) => {}
             }
+        }
+        if refused {
+            hidden += 1;
         }
     }
     (held, hidden)
