@@ -26,6 +26,36 @@ enum Command {
     Sandbox(SandboxCommand),
     /// Build the default snapshot into the cache (minutes the first time, then instant).
     Prepare(PrepareArgs),
+    /// Serve the LangSmith Sandbox API (control plane and data plane).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Where the store (`cordon.db`) and the sandboxes' state live.
+    #[arg(long, default_value = "/var/lib/cordon")]
+    data_dir: PathBuf,
+    /// An API key; each key is its own workspace. Repeatable.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// Base of every `dataplane_url` (default: http://<the request's Host>).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Where built snapshots are cached.
+    #[arg(long, env = "CORDON_CACHE_DIR", default_value = "/var/cache/cordon")]
+    cache_dir: PathBuf,
+    /// Most sandboxes one workspace (API key) may hold.
+    #[arg(long, default_value_t = 100)]
+    max_sandboxes_per_workspace: usize,
+    /// The static agent binary (default: next to this executable, then the build output).
+    #[arg(long, env = "CORDON_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// The cordon-nsinit launcher (default: next to this executable).
+    #[arg(long, env = "CORDON_NSINIT_BIN")]
+    nsinit_bin: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -70,17 +100,70 @@ struct ExecArgs {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The server logs its work by default; the one-shot commands stay quiet.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CORDON_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Sandbox(SandboxCommand::Exec(args)) => {
             let code = sandbox_exec(args).await?;
             std::process::exit(code);
         }
         Command::Prepare(args) => prepare(args),
+        Command::Serve(args) => serve(args).await,
     }
+}
+
+/// `cordon serve`: prepares the default snapshot, then serves until killed.
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut api_keys = args.api_keys;
+    if let Ok(keys) = std::env::var("CORDON_API_KEYS") {
+        api_keys.extend(
+            keys.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from),
+        );
+    }
+    if api_keys.is_empty() {
+        bail!("no API key configured: pass --api-key KEY or set CORDON_API_KEYS");
+    }
+    let cache_dir = args.cache_dir;
+    let snapshot = tokio::task::spawn_blocking(move || {
+        cordon_image::default_snapshot::prepare(&cache_dir, &mut |line| tracing::info!("{line}"))
+    })
+    .await?
+    .context("preparing the default snapshot")?;
+    // Host-only: the store and every sandbox's state live here.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&args.data_dir)
+        .with_context(|| format!("data dir {}", args.data_dir.display()))?;
+    let runtime = NamespaceRuntime::new(NamespaceConfig::new(
+        &args.data_dir,
+        args.agent_bin.map_or_else(default_agent_binary, Ok)?,
+        args.nsinit_bin
+            .map_or_else(|| beside_this_executable("cordon-nsinit"), Ok)?,
+    ))?;
+    let config = cordon_server::ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        api_keys,
+        public_url: args.public_url,
+        snapshot,
+        lifecycle_tick: std::time::Duration::from_secs(5),
+        max_sandboxes_per_workspace: args.max_sandboxes_per_workspace,
+    };
+    cordon_server::serve(config, std::sync::Arc::new(runtime)).await?;
+    Ok(())
 }
 
 /// Prepares the default snapshot, printing progress to stderr and a summary to stdout.

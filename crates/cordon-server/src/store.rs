@@ -1,0 +1,138 @@
+//! The SQLite store: one row per sandbox, the record as JSON beside the indexed columns.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use crate::model::SandboxRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("name {0:?} is taken")]
+    NameTaken(String),
+}
+
+/// Schema changes in order; `PRAGMA user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        UNIQUE (workspace, name)
+    );"];
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating) the database in WAL mode and runs pending migrations.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent; keep serving.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, record: &SandboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record)?;
+        self.conn()
+            .execute(
+                "INSERT INTO sandboxes (id, workspace, name, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![record.id, record.workspace, record.name, record.created_at as i64, json],
+            )
+            .map_err(|e| name_taken(e, &record.name))?;
+        Ok(())
+    }
+
+    /// Writes the whole record; a no-op when the row is gone (deleted concurrently).
+    pub fn update(&self, record: &SandboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record)?;
+        self.conn()
+            .execute(
+                "UPDATE sandboxes SET name = ?2, record = ?3 WHERE id = ?1",
+                params![record.id, record.name, json],
+            )
+            .map_err(|e| name_taken(e, &record.name))?;
+        Ok(())
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    pub fn get_by_id(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        let json: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT record FROM sandboxes WHERE id = ?1",
+                params![id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    /// A workspace's sandbox by name, else by id.
+    pub fn find(&self, workspace: &str, key: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        let json: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT record FROM sandboxes WHERE workspace = ?1 AND (name = ?2 OR id = ?2)
+                 ORDER BY name = ?2 DESC LIMIT 1",
+                params![workspace, key],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    /// A workspace's sandboxes, oldest first; `None` workspace = all of them.
+    pub fn list(&self, workspace: Option<&str>) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT record FROM sandboxes WHERE ?1 IS NULL OR workspace = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = statement.query_map(params![workspace], |row| row.get::<_, String>(0))?;
+        let mut records = Vec::new();
+        for json in rows {
+            records.push(serde_json::from_str(&json?)?);
+        }
+        Ok(records)
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+        conn.execute_batch(&format!(
+            "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
+            index + 1
+        ))?;
+    }
+    Ok(())
+}
+
+fn name_taken(error: rusqlite::Error, name: &str) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => StoreError::NameTaken(name.to_string()),
+        _ => StoreError::Sqlite(error),
+    }
+}

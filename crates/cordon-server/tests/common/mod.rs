@@ -1,0 +1,233 @@
+//! Test support: a `cordon serve` process on a temp data dir, and a small HTTP client.
+//!
+//! The server runs in a child process (this test binary re-run as `serve_child`), so a test
+//! can SIGKILL it and start it again on the same data dir.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cordon_runtime::{NamespaceConfig, NamespaceRuntime};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+pub const KEY: &str = "test-key-one";
+pub const OTHER_KEY: &str = "test-key-two";
+
+const DIR_ENV: &str = "CORDON_TEST_SERVE_DIR";
+const ADDR_ENV: &str = "CORDON_TEST_SERVE_ADDR";
+
+/// Body of the `serve_child` test: serves when started by [`Server::start`], else returns.
+pub fn serve_child_main() {
+    let (Ok(dir), Ok(addr)) = (std::env::var(DIR_ENV), std::env::var(ADDR_ENV)) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async move {
+        let cache = std::env::var("CORDON_CACHE_DIR").unwrap_or("/var/cache/cordon".into());
+        let snapshot = cordon_image::default_snapshot::prepare(Path::new(&cache), &mut |_| {})
+            .expect("default snapshot (run `cordon prepare`)");
+        let runtime = NamespaceRuntime::new(NamespaceConfig::new(
+            &dir,
+            cordon_testkit::agent_binary(),
+            cordon_testkit::nsinit_binary(),
+        ))
+        .expect("runtime");
+        let config = cordon_server::ServerConfig {
+            listen: addr.parse().expect("listen address"),
+            data_dir: dir.into(),
+            api_keys: vec![KEY.into(), OTHER_KEY.into()],
+            public_url: None,
+            snapshot,
+            lifecycle_tick: Duration::from_secs(1),
+            max_sandboxes_per_workspace: 4,
+        };
+        cordon_server::serve(config, Arc::new(runtime))
+            .await
+            .expect("serve");
+    });
+}
+
+/// A running server process; SIGKILLed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts a server on a free port and waits for `/healthz`.
+    pub async fn start(data_dir: &Path) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        Server::start_on(data_dir, port).await
+    }
+
+    pub async fn start_on(data_dir: &Path, port: u16) -> Server {
+        let child = Command::new(std::env::current_exe().expect("test exe"))
+            .args(["--exact", "serve_child", "--ignored", "--nocapture"])
+            .env(DIR_ENV, data_dir)
+            .env(ADDR_ENV, format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        let server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = server.call("GET", "/healthz", None, None).await {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A JSON request to a path of this server.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        call(method, &self.url(path), key, body).await
+    }
+
+    /// `{base}` + path under `/api/v2/sandboxes`, with [`KEY`]; panics on transport errors.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_as(KEY, method, path, body).await
+    }
+
+    pub async fn api_as(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.call(method, &format!("/api/v2/sandboxes{path}"), Some(key), body)
+            .await
+            .expect("request")
+    }
+
+    /// Creates a ready sandbox and returns its JSON.
+    pub async fn create(&self, body: Value) -> Value {
+        let (status, sandbox) = self.api("POST", "/boxes", Some(body)).await;
+        assert_eq!(status, 200, "{sandbox}");
+        assert_eq!(sandbox["status"], "ready", "{sandbox}");
+        sandbox
+    }
+
+    /// Polls `/status` until it says `want`.
+    pub async fn wait_status(&self, name: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, status) = self
+                .api("GET", &format!("/boxes/{name}/status"), None)
+                .await;
+            if status["status"] == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "status stuck at {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One JSON request; the body parsed as JSON (`Null` when empty or not JSON).
+pub async fn call(
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    if let Some(key) = key {
+        headers.push(("x-api-key", key.to_string()));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, _, bytes) = raw(method, url, &headers, Bytes::from(body)).await?;
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn raw(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> Result<(u16, http::HeaderMap, Bytes), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let authority = uri.authority().ok_or("no authority")?.to_string();
+    let stream = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header("host", authority);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, bytes))
+}
+
+/// A `multipart/form-data` body with one `file` field, and its content type.
+pub fn multipart_file(contents: &[u8]) -> (String, Bytes) {
+    let boundary = "cordon-test-boundary-7d1f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(contents);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        Bytes::from(body),
+    )
+}
