@@ -8,10 +8,11 @@ STATIC_DIR := target/$(TARGET)/release
 
 # Debian packages the host needs: busybox for the test root filesystem, e2fsprogs for the
 # per-sandbox disk images, bubblewrap as the benchmark baseline, debootstrap (and util-linux's
-# unshare) to build the default snapshot (`cordon prepare`).
-APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap
+# unshare) to build the default snapshot (`cordon prepare`), python3-venv for the official-client
+# suites.
+APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap python3-venv
 
-.PHONY: all deps agent build test lint bench run
+.PHONY: all deps agent build test lint bench run clients-test
 
 all: build
 
@@ -33,6 +34,14 @@ build: deps agent
 
 test: deps agent
 	$(CARGO) test --workspace
+	$(MAKE) clients-test
+
+# The official-client compatibility suites (tests/clients/): the unchanged `langsmith` Python
+# client (and deepagents) against a fresh `cordon serve`, once per pinned requirements file; the
+# venvs are built from PyPI into .cache/clients/ and reused while the requirements are unchanged.
+clients-test: deps agent
+	$(CARGO) build -p cordon
+	tests/clients/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -41,10 +50,13 @@ lint:
 bench: deps agent
 	$(CARGO) run --release -p cordon-bench
 
-# Until `cordon serve` lands, `make run` prepares the default snapshot (minutes the first time,
-# then instant) and runs a command in a throwaway sandbox booted on it.
-DEMO_COMMAND := echo "hello from $$(hostname)"; id; python3 --version; echo "uid map: $$(cat /proc/self/uid_map)"
+# `make run` serves the API on loopback with a local key; override any of these, e.g.
+# `make run CORDON_API_KEY=$(openssl rand -hex 16)`. The first start prepares the default
+# snapshot (minutes); later starts take seconds.
+CORDON_LISTEN   ?= 127.0.0.1:8080
+CORDON_DATA_DIR ?= /var/lib/cordon
+CORDON_API_KEY  ?= cordon-local-key
 
 run: build
-	layer=$$(./target/release/cordon prepare | awk '/layer:/ {print $$2}') && \
-	./target/release/cordon sandbox exec --shell /bin/bash --rootfs "$$layer" -- '$(DEMO_COMMAND)'
+	./target/release/cordon serve --listen $(CORDON_LISTEN) --data-dir $(CORDON_DATA_DIR) \
+	  --api-key $(CORDON_API_KEY)
