@@ -55,7 +55,11 @@ fn find(app: &App, workspace: &Workspace, key: &str) -> Result<SandboxRecord, Ap
 }
 
 fn sandbox_response(app: &App, headers: &HeaderMap, record: &SandboxRecord) -> Response {
-    Json(record.to_json(&app.public_base(headers))).into_response()
+    let json = record.to_json(
+        &app.public_base(headers),
+        &app.sandboxes.snapshot.run_config,
+    );
+    Json(json).into_response()
 }
 
 /// What a create body asks for, validated.
@@ -226,7 +230,7 @@ pub async fn list(
         .list(Some(&workspace.0))?
         .into_iter()
         .filter(|r| matches_filters(r, &query))
-        .map(|r| r.to_json(&base))
+        .map(|r| r.to_json(&base, &app.sandboxes.snapshot.run_config))
         .collect();
     let start = query
         .cursor

@@ -10,7 +10,7 @@ use axum::Extension;
 use hyper_util::rt::TokioIo;
 
 use crate::error::ApiError;
-use crate::{App, Workspace};
+use crate::{splice, App, Workspace};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus our credentials.
 const HOP_BY_HOP: &[&str] = &[
@@ -190,14 +190,17 @@ fn upstream_request(
         .map_err(|e| ApiError::Invalid(e.to_string()))
 }
 
-/// Copies bytes both ways between the client's and the agent's upgraded connections.
+/// Splices the client's and the agent's upgraded connections until both end or the server
+/// shuts down (then the client gets a close frame; see `splice`).
 fn splice_upgraded(
     app: Arc<App>,
     id: String,
     client_side: hyper::upgrade::OnUpgrade,
     agent_side: hyper::upgrade::OnUpgrade,
 ) {
-    tokio::spawn(async move {
+    let going_away = app.shutdown.going_away.clone();
+    let upgrades = app.shutdown.upgrades.clone();
+    upgrades.spawn(async move {
         let (client, agent) = match tokio::try_join!(client_side, agent_side) {
             Ok(pair) => pair,
             Err(error) => {
@@ -206,10 +209,8 @@ fn splice_upgraded(
             }
         };
         app.sandboxes.connection_opened(&id, true);
-        let (mut client, mut agent) = (TokioIo::new(client), TokioIo::new(agent));
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
-            tracing::debug!(%error, sandbox = %id, "upgraded connection ended");
-        }
+        splice::splice(TokioIo::new(client), TokioIo::new(agent), going_away).await;
+        tracing::debug!(sandbox = %id, "upgraded connection ended");
         app.sandboxes.connection_opened(&id, false);
     });
 }

@@ -8,10 +8,12 @@ mod error;
 mod lifecycle;
 mod model;
 mod sandboxes;
+mod splice;
 mod store;
 mod validate;
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ use axum::Router;
 use cordon_image::PreparedSnapshot;
 use cordon_runtime::Runtime;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
 pub use store::StoreError;
@@ -77,6 +81,15 @@ pub struct App {
     workspaces: HashMap<[u8; 32], Workspace>,
     public_url: Option<String>,
     max_sandboxes_per_workspace: usize,
+    shutdown: Shutdown,
+}
+
+/// What a graceful shutdown has to reach: the spliced WebSockets, which outlive their HTTP
+/// connections and so are not drained by the HTTP server.
+struct Shutdown {
+    /// Fired when the server begins shutting down.
+    going_away: CancellationToken,
+    upgrades: TaskTracker,
 }
 
 impl App {
@@ -207,9 +220,41 @@ fn check_public_url(url: Option<String>) -> Result<Option<String>, ServerError> 
     }
 }
 
+/// How long a shutdown waits for HTTP requests in flight (a long `POST /execute`, an SSE
+/// stream) before exiting anyway; their commands go on in the sandbox.
+const DRAIN_REQUESTS_WITHIN: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the WebSockets to take their close frames.
+const CLOSE_WEBSOCKETS_WITHIN: Duration = Duration::from_secs(5);
+
 /// Opens the store, re-adopts the runtime's sandboxes, starts the lifecycle task and serves
-/// until the process ends.
+/// until SIGTERM or SIGINT (see [`serve_until`]).
 pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<(), ServerError> {
+    let signals = termination_signal().map_err(ServerError::Serve)?;
+    serve_until(config, runtime, signals).await
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn termination_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
+}
+
+/// As [`serve`], until `shutdown` resolves: then it stops accepting, closes every attached
+/// data-plane WebSocket with 1001 (clients reattach to their commands), gives requests in
+/// flight a few seconds and returns. Sandboxes and their commands keep running; the next
+/// server re-adopts them.
+pub async fn serve_until(
+    config: ServerConfig,
+    runtime: Arc<dyn Runtime>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     if config.api_keys.is_empty() {
         return Err(ServerError::NoApiKeys);
     }
@@ -229,12 +274,17 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
             (hash, Workspace(name))
         })
         .collect();
-    tokio::spawn(lifecycle::run(sandboxes.clone(), config.lifecycle_tick));
+    let lifecycle = tokio::spawn(lifecycle::run(sandboxes.clone(), config.lifecycle_tick));
+    let going_away = CancellationToken::new();
     let app = Arc::new(App {
         sandboxes,
         workspaces,
         public_url,
         max_sandboxes_per_workspace: config.max_sandboxes_per_workspace,
+        shutdown: Shutdown {
+            going_away: going_away.clone(),
+            upgrades: TaskTracker::new(),
+        },
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -244,7 +294,50 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         })?;
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%addr, "cordon serve listening");
-    axum::serve(listener, router(app))
+    tokio::spawn({
+        let going_away = going_away.clone();
+        async move {
+            shutdown.await;
+            going_away.cancel();
+        }
+    });
+    let served = serve_http(listener, router(app.clone()), going_away).await;
+    lifecycle.abort();
+    close_websockets(&app.shutdown).await;
+    tracing::info!("cordon serve stopped; sandboxes keep running");
+    served
+}
+
+/// Serves HTTP until `going_away`, then drains requests in flight for a bounded time.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    going_away: CancellationToken,
+) -> Result<(), ServerError> {
+    let serving = axum::serve(listener, router)
+        .with_graceful_shutdown(going_away.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => return served.map_err(ServerError::Serve),
+        () = going_away.cancelled() => {}
+    }
+    match tokio::time::timeout(DRAIN_REQUESTS_WITHIN, serving).await {
+        Ok(served) => served.map_err(ServerError::Serve),
+        Err(_) => {
+            tracing::warn!("requests still in flight; exiting without them");
+            Ok(())
+        }
+    }
+}
+
+/// Waits (bounded) for every spliced WebSocket, told by `going_away`, to close.
+async fn close_websockets(shutdown: &Shutdown) {
+    shutdown.upgrades.close();
+    if tokio::time::timeout(CLOSE_WEBSOCKETS_WITHIN, shutdown.upgrades.wait())
         .await
-        .map_err(ServerError::Serve)
+        .is_err()
+    {
+        tracing::warn!("WebSockets still open; exiting without them");
+    }
 }

@@ -56,8 +56,9 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
-    /// The Sandbox object of spec §2.1.1.
-    pub fn to_json(&self, public_base: &str) -> Value {
+    /// The Sandbox object of spec §2.1.1. Its `run_config` is the effective one (spec §2.1.2):
+    /// the sandbox's own layer over `snapshot_run_config`, which is what commands get.
+    pub fn to_json(&self, public_base: &str, snapshot_run_config: &RunConfig) -> Value {
         let mut object = json!({
             "id": self.id,
             "name": self.name,
@@ -76,7 +77,7 @@ impl SandboxRecord {
             "fs_capacity_bytes": self.fs_capacity_bytes,
             "persistent": self.persistent,
             "labels": self.labels,
-            "run_config": self.run_config,
+            "run_config": self.run_config.over(snapshot_run_config),
         });
         if let (Some(delegation), Some(map)) = (&self.access_delegation, object.as_object_mut()) {
             map.insert("access_delegation".into(), delegation.clone());

@@ -170,6 +170,12 @@ impl Sandboxes {
                 self.runtime.start(id).await.map_err(internal)?;
             }
             Ok(SandboxState::Running { .. }) => {}
+            // However it stopped (stop, idle TTL, a crash of its own or of the server), a
+            // non-persistent sandbox comes back from the clean snapshot (spec §2.2.8).
+            Ok(SandboxState::Stopped | SandboxState::Failed(_)) if !record.persistent => {
+                self.discard_writes(&record).await?;
+                self.runtime.start(id).await.map_err(internal)?;
+            }
             Ok(SandboxState::Failed(_)) => {
                 self.runtime.stop(id).await.map_err(internal)?;
                 self.runtime.start(id).await.map_err(internal)?;
@@ -181,6 +187,22 @@ impl Sandboxes {
         // The runtime replays the config the sandbox was created with; updates since then
         // live in the store.
         self.push_config(&record).await
+    }
+
+    /// Replaces the stopped sandbox's runtime state by a fresh one with the same id, dropping
+    /// its writable layer. The id, and so `dataplane_url`, stay; the store is not touched, so
+    /// a crash in between leaves a record without a runtime sandbox, which `boot` creates.
+    async fn discard_writes(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        let internal = |e: RuntimeError| ApiError::Internal(e.to_string());
+        match self.runtime.destroy(&record.id).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(error) => return Err(internal(error)),
+        }
+        tracing::info!(sandbox = %record.id, "non-persistent sandbox: discarded its writes");
+        self.runtime
+            .create(self.spec_for(record))
+            .await
+            .map_err(internal)
     }
 
     fn spec_for(&self, record: &SandboxRecord) -> SandboxSpec {

@@ -154,10 +154,8 @@ async fn sandbox_lifecycle() {
     assert_eq!(updated["id"], id);
     assert_eq!(updated["dataplane_url"], dp);
     assert_eq!(updated["idle_ttl_seconds"], 1200);
-    assert_eq!(
-        updated["run_config"]["env_vars"],
-        json!({"GREETING": "hi", "OTHER": "there"})
-    );
+    assert_eq!(updated["run_config"]["env_vars"]["GREETING"], "hi");
+    assert_eq!(updated["run_config"]["env_vars"]["OTHER"], "there");
     let (status, _) = server.api("GET", "/boxes/life", None).await;
     assert_eq!(status, 404);
     assert_eq!(
@@ -460,6 +458,185 @@ async fn commands_survive_a_server_crash() {
         format!("{seen}{}", rest.stdout),
         "line1\nline2\nline3\nline4\nline5\nline6\n"
     );
+}
+
+/// The sandbox object's `run_config` is what commands get (spec §2.1.2): the snapshot's
+/// run_config with the sandbox's own layered over it, on create, get, list and update.
+#[tokio::test]
+async fn run_config_is_the_effective_one() {
+    let dir = TestStateDir::new();
+    let server = Server::start(dir.path()).await;
+    let plain = server.create(json!({"name": "plain"})).await;
+    let config = &plain["run_config"];
+    assert_eq!(config["user"], "user", "{plain}");
+    assert_eq!(config["work_dir"], "/home/user", "{plain}");
+    assert!(config["env_vars"]["PATH"].is_string(), "{plain}");
+
+    let sandbox = server
+        .create(json!({"name": "own", "run_config": {"work_dir": "/tmp",
+                                                   "env_vars": {"MINE": "1"}}}))
+        .await;
+    let expected = |own: &Value| {
+        assert_eq!(own["user"], "user", "{own}");
+        assert_eq!(own["work_dir"], "/tmp", "{own}");
+        assert_eq!(own["env_vars"]["MINE"], "1", "{own}");
+        assert_eq!(own["env_vars"]["PATH"], config["env_vars"]["PATH"], "{own}");
+    };
+    expected(&sandbox["run_config"]);
+    let (_, got) = server.api("GET", "/boxes/own", None).await;
+    expected(&got["run_config"]);
+    let (_, list) = server.api("GET", "/boxes", None).await;
+    let listed = list["items"].as_array().unwrap();
+    expected(&listed.iter().find(|s| s["name"] == "own").unwrap()["run_config"]);
+    let (_, updated) = server
+        .api(
+            "PATCH",
+            "/boxes/own",
+            Some(json!({"run_config": {"user": "root"}})),
+        )
+        .await;
+    assert_eq!(updated["run_config"]["user"], "root", "{updated}");
+    assert_eq!(updated["run_config"]["work_dir"], "/tmp", "{updated}");
+    let dp = sandbox["dataplane_url"].as_str().unwrap();
+    let effective = &updated["run_config"];
+    let seen = http_exec(dp, "id -un; pwd; echo $MINE; echo $PATH").await;
+    let want = format!(
+        "{}\n{}\n1\n{}\n",
+        effective["user"].as_str().unwrap(),
+        effective["work_dir"].as_str().unwrap(),
+        effective["env_vars"]["PATH"].as_str().unwrap()
+    );
+    assert_eq!(seen, want);
+}
+
+/// `persistent: false` (spec §2.2.1, §2.2.8): writes are gone after a stop and start, while
+/// a persistent sandbox keeps them; id, name and `dataplane_url` stay the same.
+#[tokio::test]
+async fn a_non_persistent_sandbox_discards_writes_on_stop() {
+    let dir = TestStateDir::new();
+    let server = Server::start(dir.path()).await;
+    let ephemeral = server
+        .create(json!({"name": "ephemeral", "persistent": false}))
+        .await;
+    assert_eq!(ephemeral["persistent"], false);
+    let kept = server.create(json!({"name": "kept"})).await;
+    assert_eq!(kept["persistent"], true);
+    let check = "cat /home/user/mark /home/user/deep/mark 2>/dev/null; true";
+    for sandbox in [&ephemeral, &kept] {
+        let dp = sandbox["dataplane_url"].as_str().unwrap();
+        let write =
+            "echo one > /home/user/mark; mkdir -p /home/user/deep; echo two > /home/user/deep/mark";
+        http_exec(dp, write).await;
+        assert_eq!(http_exec(dp, check).await, "one\ntwo\n");
+    }
+
+    for name in ["ephemeral", "kept"] {
+        let (status, _) = server
+            .api("POST", &format!("/boxes/{name}/stop"), Some(json!({})))
+            .await;
+        assert_eq!(status, 204);
+        server.wait_status(name, "stopped").await;
+        server
+            .api("POST", &format!("/boxes/{name}/start"), Some(json!({})))
+            .await;
+        server.wait_status(name, "ready").await;
+    }
+    let (_, after) = server.api("GET", "/boxes/ephemeral", None).await;
+    for field in ["id", "name", "dataplane_url", "persistent"] {
+        assert_eq!(after[field], ephemeral[field], "{field}");
+    }
+    let dp = ephemeral["dataplane_url"].as_str().unwrap();
+    assert_eq!(http_exec(dp, check).await, "");
+    let dp = kept["dataplane_url"].as_str().unwrap();
+    assert_eq!(http_exec(dp, check).await, "one\ntwo\n");
+
+    // A data-plane request that resumes a stopped sandbox boots it clean as well.
+    let dp = ephemeral["dataplane_url"].as_str().unwrap();
+    http_exec(dp, "echo three > /home/user/mark").await;
+    server
+        .api("POST", "/boxes/ephemeral/stop", Some(json!({})))
+        .await;
+    server.wait_status("ephemeral", "stopped").await;
+    assert_eq!(http_exec(dp, check).await, "");
+}
+
+/// SIGTERM: the server stops promptly, attached WebSockets get close 1001 (spec §3.3.7), the
+/// command keeps running, and after a restart the client reattaches with its offsets.
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_and_commands_survive() {
+    let dir = TestStateDir::new();
+    let mut server = Server::start(dir.path()).await;
+    let sandbox = server.create(json!({"name": "term"})).await;
+    let dp = sandbox["dataplane_url"].as_str().unwrap().to_string();
+
+    let mut socket = websocket(&dp, KEY).await;
+    send_execute(
+        &mut socket,
+        json!({"command": "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 0.4; done",
+               "timeout_seconds": 0}),
+    )
+    .await;
+    let mut command_id = String::new();
+    let mut seen = String::new();
+    while !seen.contains("line1\n") {
+        let message = next_json(&mut socket)
+            .await
+            .expect("message before SIGTERM");
+        match message["type"].as_str() {
+            Some("started") => command_id = message["command_id"].as_str().unwrap().into(),
+            Some("stdout") => seen.push_str(message["data"].as_str().unwrap()),
+            _ => {}
+        }
+    }
+    assert!(!command_id.is_empty());
+
+    let (took, success) = server.terminate();
+    assert!(success, "server exited with an error after SIGTERM");
+    assert!(took < Duration::from_secs(10), "took {took:?} to exit");
+    let close = read_until_close(&mut socket, &mut seen).await;
+    assert_eq!(close, Some(1001), "close code");
+    assert!(
+        !seen.contains("line8"),
+        "the command ended before the test could check"
+    );
+
+    let port = server.port;
+    drop(server);
+    let server = Server::start_on(dir.path(), port).await;
+    let (_, status) = server.api("GET", "/boxes/term/status", None).await;
+    assert_eq!(status["status"], "ready");
+    let mut socket = websocket(&dp, KEY).await;
+    let reconnect = json!({"type": "reconnect", "command_id": command_id,
+                           "stdout_offset": seen.len(), "stderr_offset": 0});
+    socket
+        .send(Message::text(reconnect.to_string()))
+        .await
+        .unwrap();
+    let rest = read_until_exit(&mut socket).await;
+    assert_eq!(rest.exit_code, 0);
+    let all: String = (1..=8).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(format!("{seen}{}", rest.stdout), all);
+}
+
+/// Reads output into `seen` until the server closes; the close code, if a close frame came.
+async fn read_until_close(socket: &mut Socket, seen: &mut String) -> Option<u16> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("close within 30 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                assert_ne!(message["type"], "exit", "the command ended: {message}");
+                if message["type"] == "stdout" {
+                    seen.push_str(message["data"].as_str().unwrap());
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return None,
+        }
+    }
 }
 
 type Socket =

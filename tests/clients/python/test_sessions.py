@@ -173,11 +173,6 @@ def test_async_client(cordon):
 # ---------------------------------------------------------------------------- persistent=false
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: POST /boxes {persistent: false} is stored and echoed (persistent: false) "
-    "but a file written before POST /boxes/{name}/stop is still there after /start (§2.2.1, §2.2.8)",
-)
 def test_non_persistent_sandbox_discards_writes_on_stop(client, make_sandbox):
     sb = make_sandbox(persistent=False)
     sb.write("/home/user/ephemeral.txt", "gone after stop")

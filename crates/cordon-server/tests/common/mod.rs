@@ -100,6 +100,23 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, as a service manager stopping the server would; waits for the process to
+    /// exit and returns how long that took and whether it exited successfully.
+    pub fn terminate(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) has no memory effects; the pid is our own, not yet reaped, child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the server") {
+                return (started.elapsed(), status.success());
+            }
+            assert!(Instant::now() < deadline, "server ignored SIGTERM for 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A JSON request to a path of this server.
     pub async fn call(
         &self,
