@@ -19,6 +19,7 @@ all: build
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -36,9 +37,10 @@ test: deps agent
 	$(CARGO) test --workspace
 	$(MAKE) clients-test
 
-# The official-client compatibility suites (tests/clients/): the unchanged `langsmith` Python
-# client (and deepagents) against a fresh `cordon serve`, once per pinned requirements file; the
-# venvs are built from PyPI into .cache/clients/ and reused while the requirements are unchanged.
+# The official-client compatibility suites (tests/clients/): the unchanged `langsmith` Python and
+# npm clients (and deepagents, both languages) against a fresh `cordon serve`, once per pinned
+# set; venvs and node_modules are built from PyPI and npm into .cache/clients/ and reused while
+# the pins are unchanged. Node comes from Debian (nodejs, npm) when the machine has none.
 clients-test: deps agent
 	$(CARGO) build -p cordon
 	tests/clients/run.sh

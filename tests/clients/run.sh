@@ -7,6 +7,12 @@
 # .cache/clients/) and run the pytest suite in tests/clients/python against a fresh
 # `cordon serve` (CORDON_BIN, default target/debug/cordon then target/release/cordon).
 # Extra arguments go to pytest, e.g. `tests/clients/run.sh -k exec -x`.
+#
+# Then the JS suites: for each pinned set (default: tests/clients/js, then every
+# tests/clients/js/*/ holding a package-lock.json, or the directories named in CLIENTS_JS;
+# CLIENTS_JS=none skips them), get its node_modules (tests/clients/js/npm-env.sh, cached under
+# .cache/clients/) and run tests/clients/js/harness/run.mjs (node --test) against its own fresh
+# `cordon serve`. CLIENTS_JS_ARGS go to `node --test`, e.g. CLIENTS_JS_ARGS=--test-name-pattern=kill.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -31,6 +37,27 @@ for req in "${reqs[@]}"; do
   summary+=("$version: exit $rc in $(( $(date +%s) - start ))s")
   [ "$rc" -eq 0 ] || status=$rc
 done
+if [ "${CLIENTS_JS:-}" = none ]; then
+  js_sets=()
+elif [ -n "${CLIENTS_JS:-}" ]; then
+  read -r -a js_sets <<< "$CLIENTS_JS"
+else
+  # The primary set (langsmith 0.12.x) first, then the other pinned sets (langsmith-0.9 + deepagents).
+  js_sets=(tests/clients/js)
+  for d in tests/clients/js/*/; do [ -f "$d/package-lock.json" ] && js_sets+=("${d%/}"); done
+fi
+read -r -a js_args <<< "${CLIENTS_JS_ARGS:-}"
+for set in "${js_sets[@]}"; do
+  env=$(tests/clients/js/npm-env.sh "$set")
+  version=$(node -p "'langsmith@' + require('$env/node_modules/langsmith/package.json').version" 2>/dev/null || echo "langsmith?")
+  echo "=== official JS client suite: $version ($set)"
+  start=$(date +%s)
+  rc=0
+  node tests/clients/js/harness/run.mjs "$env" "${js_args[@]}" || rc=$?
+  summary+=("$version (js): exit $rc in $(( $(date +%s) - start ))s")
+  [ "$rc" -eq 0 ] || status=$rc
+done
+
 echo "=== client suites"
 printf '  %s\n' "${summary[@]}"
 exit "$status"

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use hyper_util::rt::TokioIo;
 
-use crate::error::ApiError;
+use cordon_channel::AgentClient;
+
+use crate::error::{reject_after_reading_body, ApiError};
 use crate::{splice, App, Workspace};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus our credentials.
@@ -43,11 +45,10 @@ async fn forward_inner(
     workspace: Workspace,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let (id, target) = split_target(request.uri())?;
-    if is_control_path(&target) {
-        return Err(ApiError::NotFound("not found".into()));
-    }
-    let client = ready_agent(&app, &workspace, &id).await?;
+    let (id, target, client) = match route(&app, &workspace, request.uri()).await {
+        Ok(routed) => routed,
+        Err(error) => return Ok(reject_after_reading_body(request, error).await),
+    };
     let client_upgrade = wants_upgrade(request.headers())
         .then(|| {
             request
@@ -75,13 +76,27 @@ async fn forward_inner(
     }
 }
 
+/// The sandbox id and agent path a data-plane URI names, and that sandbox's ready agent.
+async fn route(
+    app: &Arc<App>,
+    workspace: &Workspace,
+    uri: &http::Uri,
+) -> Result<(String, String, AgentClient), ApiError> {
+    let (id, target) = split_target(uri)?;
+    if is_control_path(&target) {
+        return Err(ApiError::NotFound("not found".into()));
+    }
+    let client = ready_agent(app, workspace, &id).await?;
+    Ok((id, target, client))
+}
+
 /// The agent of the workspace's sandbox `id`, booting it first when it is not running
 /// (spec §3.1: clients never check the status before using the data plane).
 async fn ready_agent(
     app: &Arc<App>,
     workspace: &Workspace,
     id: &str,
-) -> Result<cordon_channel::AgentClient, ApiError> {
+) -> Result<AgentClient, ApiError> {
     let find = || -> Result<_, ApiError> {
         app.sandboxes
             .store

@@ -1,9 +1,13 @@
 //! API errors and their wire form (spec §1.6).
 
+use std::time::Duration;
+
+use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cordon_api::error::ErrorBody;
+use futures::StreamExt;
 use serde::Serialize;
 
 /// One pydantic-style field error (spec §1.6: the 422 array form used by create).
@@ -110,4 +114,28 @@ impl From<crate::store::StoreError> for ApiError {
             other => ApiError::Internal(other.to_string()),
         }
     }
+}
+
+/// Most request-body bytes read (and discarded) before answering a rejected request.
+const REJECTED_BODY_READ_LIMIT: usize = 1 << 20;
+/// Longest a rejected request's body is read for.
+const REJECTED_BODY_READ_TIME: Duration = Duration::from_secs(2);
+
+/// Answers `error` after reading and discarding the request body, up to a bound. A client still
+/// sending its body when the answer and the connection close arrives (Node's fetch uploading a
+/// file) sees a broken pipe instead of the error; reading what it sends first lets it read the
+/// answer. Bodies past the bound are cut off as before.
+pub async fn reject_after_reading_body(request: Request, error: ApiError) -> Response {
+    let mut body = request.into_body().into_data_stream();
+    let mut read = 0;
+    let discard = async {
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len();
+            if read > REJECTED_BODY_READ_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REJECTED_BODY_READ_TIME, discard).await;
+    error.into_response()
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
 use cordon_image::PreparedSnapshot;
@@ -164,7 +164,10 @@ async fn authenticate(State(app): State<Arc<App>>, mut request: Request, next: N
             tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
             response
         }
-        None => ApiError::Unauthorized("missing or invalid X-Api-Key".into()).into_response(),
+        None => {
+            let error = ApiError::Unauthorized("missing or invalid X-Api-Key".into());
+            error::reject_after_reading_body(request, error).await
+        }
     }
 }
 
