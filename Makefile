@@ -50,7 +50,8 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench: deps agent
-	$(CARGO) run --release -p cordon-bench
+	$(CARGO) build --release -p cordon -p cordon-bench
+	./target/release/cordon-bench
 
 # `make run` serves the API on loopback with a local key; override any of these, e.g.
 # `make run CORDON_API_KEY=$(openssl rand -hex 16)`. The first start prepares the default

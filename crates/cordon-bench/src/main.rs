@@ -1,9 +1,19 @@
-//! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios.
+//! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios
+//! (design/TARGETS.md). `CORDON_BENCH=p1,p5` picks sections (default all: p2, start, p1, p4,
+//! p5, p6, p8, p9, p10); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
 //!
 //! - P2: exec round trip of `true` from a Rust client over the WebSocket API, through the
 //!   channel, beside a host spawn of `true` and a `bwrap … true`.
 //! - Sandbox start: create + boot + agent ready + destroy, beside `bwrap … true` and
 //!   `unshare … chroot … true`.
+//! - P1, P4: the official Python client (`py/p1_p4.py`, run with the cached client venv)
+//!   against a `cordon serve` (the `cordon` binary beside this one) started by this run.
+//! - P5, P6: 1 GiB of stdout over `/execute/ws`, upload and download of a 1 GiB file, through
+//!   the agent channel; beside `cat` of 1 GiB over a loopback TCP socket.
+//! - P8: `CORDON_BENCH_IDLE` (200) idle sandboxes at once and host memory each, beside as many
+//!   `bwrap … sleep`; P9: create+start+destroy rate beside `bwrap … true`; P10: exec p95 with
+//!   100 commands in flight over 20 sandboxes beside one at a time. See `more.rs` for the
+//!   other `CORDON_BENCH_*` knobs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +28,8 @@ use cordon_testkit::{spec, test_rootfs, TestOptions};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod more;
+
 const EXEC_ROUNDS: usize = 300;
 const START_ROUNDS: usize = 30;
 
@@ -30,8 +42,106 @@ async fn main() -> Result<()> {
     let mut table = Table::default();
     let host = time_n(EXEC_ROUNDS, || run_ok(Command::new("true")))?;
     let bwrap = time_n(EXEC_ROUNDS / 3, || run_ok(bwrap_true(&rootfs)))?;
-    let chroot = time_n(EXEC_ROUNDS / 3, || run_ok(unshare_chroot_true(&rootfs)))?;
+    let exec_only = std::env::var_os("CORDON_BENCH_EXEC_ONLY").is_some();
+    let sections = Sections::from_env(exec_only);
 
+    if sections.has("p2") {
+        p2(&runtime, &mut table, &host, &bwrap, exec_only).await?;
+        if exec_only {
+            return Ok(());
+        }
+    }
+    if sections.has("start") {
+        let chroot = time_n(EXEC_ROUNDS / 3, || run_ok(unshare_chroot_true(&rootfs)))?;
+        let mut starts = Vec::with_capacity(START_ROUNDS);
+        for round in 0..START_ROUNDS {
+            let id = format!("bench-start-{round}");
+            let started = Instant::now();
+            runtime.create(spec(&id, &TestOptions::default())).await?;
+            runtime.start(&id).await?;
+            starts.push(started.elapsed());
+            runtime.destroy(&id).await?;
+        }
+        table.row(
+            "sandbox create + start (agent ready)",
+            &starts,
+            "bwrap … true",
+            &bwrap,
+            "",
+        );
+        table.row(
+            "sandbox create + start (agent ready)",
+            &starts,
+            "unshare + chroot true",
+            &chroot,
+            "",
+        );
+    }
+    if sections.has("p1") || sections.has("p4") {
+        if let Err(error) = more::p1_p4(&runtime, &sections, &mut table, &host, &bwrap).await {
+            table.notes.push(format!("P1/P4: not measured: {error:#}"));
+        }
+    }
+    if sections.has("p5") || sections.has("p6") {
+        if let Err(error) = more::p5_p6(&runtime, &sections, state.path(), &mut table).await {
+            table.notes.push(format!("P5/P6: not measured: {error:#}"));
+        }
+    }
+    if sections.has("p8") {
+        if let Err(error) = more::p8(&runtime, &rootfs, &mut table).await {
+            table.notes.push(format!("P8: not measured: {error:#}"));
+        }
+    }
+    if sections.has("p9") {
+        if let Err(error) = more::p9(&runtime, &rootfs, &mut table).await {
+            table.notes.push(format!("P9: not measured: {error:#}"));
+        }
+    }
+    if sections.has("p10") {
+        if let Err(error) = more::p10(&runtime, &mut table).await {
+            table.notes.push(format!("P10: not measured: {error:#}"));
+        }
+    }
+    table.print();
+    for note in &table.notes {
+        println!("{note}");
+    }
+    Ok(())
+}
+
+/// Which sections run: `CORDON_BENCH=p1,p5` (default: all of them).
+pub(crate) struct Sections(Option<Vec<String>>);
+
+impl Sections {
+    fn from_env(exec_only: bool) -> Sections {
+        if exec_only {
+            return Sections(Some(vec!["p2".into()]));
+        }
+        Sections(std::env::var("CORDON_BENCH").ok().and_then(|list| {
+            let names: Vec<String> = list
+                .split(',')
+                .map(|name| name.trim().to_ascii_lowercase())
+                .filter(|name| !name.is_empty() && name != "all")
+                .collect();
+            (!names.is_empty()).then_some(names)
+        }))
+    }
+
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+}
+
+/// P2: exec round trip of `true` over the agent's WebSocket, through the channel.
+async fn p2(
+    runtime: &Arc<NamespaceRuntime>,
+    table: &mut Table,
+    host: &[Duration],
+    bwrap: &[Duration],
+    exec_only: bool,
+) -> Result<()> {
     let id = "bench-exec";
     runtime.create(spec(id, &TestOptions::default())).await?;
     runtime.start(id).await?;
@@ -60,14 +170,14 @@ async fn main() -> Result<()> {
         no_spawn.push(started.elapsed());
     }
     runtime.destroy(id).await?;
-    if std::env::var_os("CORDON_BENCH_EXEC_ONLY").is_some() {
-        table.row(
-            "P2 exec `true` over WebSocket",
-            &exec,
-            "host spawn `true`",
-            &host,
-            "p50 ≤ 2 ms, ≤ 4× host",
-        );
+    table.row(
+        "P2 exec `true` over WebSocket",
+        &exec,
+        "host spawn `true`",
+        host,
+        "p50 ≤ 2 ms, ≤ 4× host",
+    );
+    if exec_only {
         table.print();
         phases.print(&no_spawn);
         return Ok(());
@@ -75,42 +185,10 @@ async fn main() -> Result<()> {
     table.row(
         "P2 exec `true` over WebSocket",
         &exec,
-        "host spawn `true`",
-        &host,
-        "p50 ≤ 2 ms, ≤ 4× host",
-    );
-    table.row(
-        "P2 exec `true` over WebSocket",
-        &exec,
         "bwrap … true",
-        &bwrap,
+        bwrap,
         "",
     );
-
-    let mut starts = Vec::with_capacity(START_ROUNDS);
-    for round in 0..START_ROUNDS {
-        let id = format!("bench-start-{round}");
-        let started = Instant::now();
-        runtime.create(spec(&id, &TestOptions::default())).await?;
-        runtime.start(&id).await?;
-        starts.push(started.elapsed());
-        runtime.destroy(&id).await?;
-    }
-    table.row(
-        "sandbox create + start (agent ready)",
-        &starts,
-        "bwrap … true",
-        &bwrap,
-        "",
-    );
-    table.row(
-        "sandbox create + start (agent ready)",
-        &starts,
-        "unshare + chroot true",
-        &chroot,
-        "",
-    );
-    table.print();
     phases.print(&no_spawn);
     Ok(())
 }
@@ -129,7 +207,7 @@ fn runtime(state_dir: &Path) -> Result<Arc<NamespaceRuntime>> {
 
 /// Where the time of each exec round trip went, as seen by the client.
 #[derive(Default)]
-struct Phases {
+pub(crate) struct Phases {
     /// Stream open, HTTP upgrade and WebSocket handshake.
     handshake: Vec<Duration>,
     /// `execute` sent until `started` arrived: session creation and spawn.
@@ -166,7 +244,7 @@ impl Phases {
 }
 
 /// One `execute` of `true` on a new WebSocket, as the official clients do it, until `exit`.
-async fn exec_true(client: &AgentClient, phases: &mut Phases) -> Result<()> {
+pub(crate) async fn exec_true(client: &AgentClient, phases: &mut Phases) -> Result<()> {
     let opened = Instant::now();
     let mut socket = client.websocket("/execute/ws").await?;
     phases.handshake.push(opened.elapsed());
@@ -220,7 +298,7 @@ async fn reconnect_unknown(client: &AgentClient) -> Result<()> {
     bail!("socket closed before the error")
 }
 
-fn bwrap_true(rootfs: &Path) -> Command {
+pub(crate) fn bwrap_true(rootfs: &Path) -> Command {
     let mut command = Command::new("bwrap");
     command.arg("--ro-bind").arg(rootfs).args([
         "/",
@@ -245,7 +323,7 @@ fn unshare_chroot_true(rootfs: &Path) -> Command {
     command
 }
 
-fn run_ok(mut command: Command) -> Result<()> {
+pub(crate) fn run_ok(mut command: Command) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("running {command:?}"))?;
@@ -255,7 +333,7 @@ fn run_ok(mut command: Command) -> Result<()> {
     Ok(())
 }
 
-fn time_n(rounds: usize, mut run: impl FnMut() -> Result<()>) -> Result<Vec<Duration>> {
+pub(crate) fn time_n(rounds: usize, mut run: impl FnMut() -> Result<()>) -> Result<Vec<Duration>> {
     (0..rounds)
         .map(|_| {
             let started = Instant::now();
@@ -265,7 +343,7 @@ fn time_n(rounds: usize, mut run: impl FnMut() -> Result<()>) -> Result<Vec<Dura
 }
 
 /// p50 and p95 of a sample.
-fn percentiles(samples: &[Duration]) -> (Duration, Duration) {
+pub(crate) fn percentiles(samples: &[Duration]) -> (Duration, Duration) {
     let mut sorted = samples.to_vec();
     sorted.sort();
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
@@ -273,12 +351,19 @@ fn percentiles(samples: &[Duration]) -> (Duration, Duration) {
 }
 
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     rows: Vec<[String; 6]>,
+    /// Lines printed under the table (what could not be measured, and why).
+    pub(crate) notes: Vec<String>,
 }
 
 impl Table {
-    fn row(
+    /// A row whose cells are already formatted (rates, sizes).
+    pub(crate) fn row_text(&mut self, cells: [&str; 6]) {
+        self.rows.push(cells.map(str::to_string));
+    }
+
+    pub(crate) fn row(
         &mut self,
         metric: &str,
         ours: &[Duration],
@@ -340,6 +425,6 @@ impl Table {
     }
 }
 
-fn ms(duration: Duration) -> String {
+pub(crate) fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1e3)
 }
