@@ -28,7 +28,7 @@ use cordon_testkit::{spec, test_rootfs, TestOptions};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-mod more;
+mod target_metrics;
 
 const EXEC_ROUNDS: usize = 300;
 const START_ROUNDS: usize = 30;
@@ -78,27 +78,31 @@ async fn main() -> Result<()> {
         );
     }
     if sections.has("p1") || sections.has("p4") {
-        if let Err(error) = more::p1_p4(&runtime, &sections, &mut table, &host, &bwrap).await {
+        if let Err(error) =
+            target_metrics::p1_p4(&runtime, &sections, &mut table, &host, &bwrap).await
+        {
             table.notes.push(format!("P1/P4: not measured: {error:#}"));
         }
     }
     if sections.has("p5") || sections.has("p6") {
-        if let Err(error) = more::p5_p6(&runtime, &sections, state.path(), &mut table).await {
+        if let Err(error) =
+            target_metrics::p5_p6(&runtime, &sections, state.path(), &mut table).await
+        {
             table.notes.push(format!("P5/P6: not measured: {error:#}"));
         }
     }
     if sections.has("p8") {
-        if let Err(error) = more::p8(&runtime, &rootfs, &mut table).await {
+        if let Err(error) = target_metrics::p8(&runtime, &rootfs, &mut table).await {
             table.notes.push(format!("P8: not measured: {error:#}"));
         }
     }
     if sections.has("p9") {
-        if let Err(error) = more::p9(&runtime, &rootfs, &mut table).await {
+        if let Err(error) = target_metrics::p9(&runtime, &rootfs, &mut table).await {
             table.notes.push(format!("P9: not measured: {error:#}"));
         }
     }
     if sections.has("p10") {
-        if let Err(error) = more::p10(&runtime, &mut table).await {
+        if let Err(error) = target_metrics::p10(&runtime, &mut table).await {
             table.notes.push(format!("P10: not measured: {error:#}"));
         }
     }
