@@ -270,13 +270,27 @@ pub async fn try_exec(
     command: &str,
     timeout_seconds: i64,
 ) -> Result<ExecOutput, String> {
+    try_exec_as(client, command, None, timeout_seconds).await
+}
+
+/// [`try_exec`] as `user` (e.g. `root`, to prepare or inspect a test whatever run user the
+/// agent's config names); `None` runs as that configured user.
+pub async fn try_exec_as(
+    client: &AgentClient,
+    command: &str,
+    user: Option<&str>,
+    timeout_seconds: i64,
+) -> Result<ExecOutput, String> {
     let body = HttpExecuteRequest {
         command: command.to_string(),
         timeout: timeout_seconds,
         shell: "/bin/sh".into(),
         env: None,
         cwd: None,
-        run_config: None,
+        run_config: user.map(|user| RunConfig {
+            user: Some(user.to_string()),
+            ..RunConfig::default()
+        }),
     };
     let request = http::Request::post("http://agent/execute")
         .header(http::header::CONTENT_TYPE, "application/json")

@@ -14,8 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use cordon_api::agent::AgentConfig;
-use cordon_api::exec::{HttpExecuteRequest, HttpExecuteResponse};
-use cordon_api::RunConfig;
+use cordon_api::exec::HttpExecuteResponse;
 use cordon_channel::{AgentClient, WebSocket};
 use cordon_testkit::{TestOptions, TestSandbox};
 use futures::{SinkExt, StreamExt};
@@ -92,46 +91,9 @@ impl Agent {
     /// Runs `command` with `/bin/sh -c` inside the sandbox as root (whatever run user the
     /// sandbox config names), through the agent's `POST /execute`.
     pub async fn exec(&self, command: &str) -> HttpExecuteResponse {
-        let body = HttpExecuteRequest {
-            command: command.to_string(),
-            timeout: SH_TIMEOUT_SECONDS,
-            shell: "/bin/sh".into(),
-            env: None,
-            cwd: None,
-            run_config: Some(RunConfig {
-                user: Some("root".into()),
-                ..Default::default()
-            }),
-        };
-        let request = http::Request::builder()
-            .method("POST")
-            .uri("/execute")
-            .header("host", "agent")
-            .header("content-type", "application/json")
-            .body(Bytes::from(
-                serde_json::to_vec(&body).expect("request JSON"),
-            ))
-            .expect("request");
-        let wait = Duration::from_secs(SH_TIMEOUT_SECONDS as u64 + 30);
-        let response = tokio::time::timeout(wait, self.client.request_bytes(request))
+        cordon_testkit::try_exec_as(&self.client, command, Some("root"), SH_TIMEOUT_SECONDS)
             .await
-            .unwrap_or_else(|_| panic!("`{command}` timed out"))
-            .unwrap_or_else(|error| panic!("`{command}`: {error}"));
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert!(
-            status.is_success(),
-            "`{command}`: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        );
-        serde_json::from_slice(&bytes).unwrap_or_else(|error| {
-            panic!("`{command}` ({error}): {}", String::from_utf8_lossy(&bytes))
-        })
+            .unwrap_or_else(|error| panic!("`{command}`: {error}"))
     }
 
     /// Runs `command` inside the sandbox as root, asserts it exited 0 and returns its stdout.
