@@ -14,8 +14,11 @@ use crate::{Limits, DEFAULT_PIDS_MAX};
 
 const PARENT: &str = "cordon";
 const CFS_PERIOD_US: u64 = 100_000;
-/// v1 controllers a sandbox joins. `cpu` and `cpuacct` are often one co-mounted hierarchy.
-const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "devices"];
+/// v1 controllers a sandbox joins. `cpu` and `cpuacct` are often one co-mounted hierarchy;
+/// `freezer` holds the sandbox still while its writable layer is captured.
+const V1_CONTROLLERS: [&str; 6] = ["memory", "pids", "cpu", "cpuacct", "devices", "freezer"];
+/// How often a freeze in progress is checked.
+const FREEZE_POLL: Duration = Duration::from_millis(5);
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 /// Devices the sandbox's minimal /dev holds; everything else (mknod included) is denied.
 const V1_ALLOWED_DEVICES: [&str; 8] = [
@@ -211,9 +214,66 @@ impl Cgroups {
         fs::read_to_string(procs).is_ok_and(|list| !list.trim().is_empty())
     }
 
+    /// Freezes every task of the sandbox; returns once all are frozen. After `timeout` the
+    /// sandbox is thawed again and the freeze fails.
+    pub(crate) fn freeze(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let (control, frozen_when): (PathBuf, fn(&str) -> bool) = match self {
+            Cgroups::V1(_) => (
+                self.controller_dir(id, "freezer").join("freezer.state"),
+                |state| state.trim() == "FROZEN",
+            ),
+            Cgroups::V2(root) => (root.join(PARENT).join(id).join("cgroup.events"), |events| {
+                events.lines().any(|l| l.trim() == "frozen 1")
+            }),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // v1 needs the request repeated while tasks are still FREEZING; v2 ignores a repeat.
+            self.request_freeze(id, true)?;
+            let state = fs::read_to_string(&control).map_err(|e| cgroup_err(&control, e))?;
+            if frozen_when(&state) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                self.thaw(id);
+                return Err(cgroup_err(
+                    &control,
+                    std::io::Error::new(
+                        ErrorKind::TimedOut,
+                        format!("the sandbox did not freeze within {timeout:?}"),
+                    ),
+                ));
+            }
+            std::thread::sleep(FREEZE_POLL);
+        }
+    }
+
+    /// Thaws the sandbox (a no-op when it is not frozen or its cgroups are gone). Frozen v1
+    /// tasks cannot even be killed, so every kill thaws first.
+    pub(crate) fn thaw(&self, id: &str) {
+        if let Err(error) = self.request_freeze(id, false) {
+            tracing::debug!(sandbox = id, %error, "thaw");
+        }
+    }
+
+    fn request_freeze(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
+        let (file, value) = match (self, frozen) {
+            (Cgroups::V1(_), true) => ("freezer.state", "FROZEN"),
+            (Cgroups::V1(_), false) => ("freezer.state", "THAWED"),
+            (Cgroups::V2(_), true) => ("cgroup.freeze", "1"),
+            (Cgroups::V2(_), false) => ("cgroup.freeze", "0"),
+        };
+        let dir = match self {
+            Cgroups::V1(_) => self.controller_dir(id, "freezer"),
+            Cgroups::V2(root) => root.join(PARENT).join(id),
+        };
+        write(&dir.join(file), value)
+    }
+
     /// SIGKILLs every task left in the sandbox's cgroups (those outside its pid namespace
     /// survive the init's death only when the pid namespace was weakened away).
     pub(crate) fn kill_all(&self, id: &str) {
+        self.thaw(id);
         if let Cgroups::V2(root) = self {
             let _ = fs::write(root.join(PARENT).join(id).join("cgroup.kill"), "1");
         }
@@ -347,7 +407,7 @@ mod tests {
         // A hybrid host: an empty unified hierarchy, v1 controllers, cpu and cpuacct co-mounted.
         fs::create_dir(root.path().join("unified")).unwrap();
         fs::write(root.path().join("unified/cgroup.controllers"), "").unwrap();
-        for dir in ["memory", "pids", "cpu,cpuacct", "devices"] {
+        for dir in ["memory", "pids", "cpu,cpuacct", "devices", "freezer"] {
             fs::create_dir(root.path().join(dir)).unwrap();
         }
         for link in ["cpu", "cpuacct"] {
@@ -364,8 +424,8 @@ mod tests {
         let (early, late) = cgroups.create("box", &limits).unwrap();
         assert_eq!(
             early.len(),
-            3,
-            "memory, pids and cpu,cpuacct once: {early:?}"
+            4,
+            "memory, pids, cpu,cpuacct once and freezer: {early:?}"
         );
         assert_eq!(
             late,
@@ -392,6 +452,64 @@ mod tests {
             read(&root.path().join("devices/cordon/box/devices.deny")),
             "a"
         );
+    }
+
+    fn fake_v2() -> (tempfile::TempDir, Cgroups, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpu io memory pids\n",
+        )
+        .unwrap();
+        let cgroups = Cgroups::detect(root.path()).unwrap();
+        cgroups.create("box", &Limits::default()).unwrap();
+        let dir = root.path().join("cordon/box");
+        (root, cgroups, dir)
+    }
+
+    #[test]
+    fn v2_freeze_waits_for_the_kernel_to_report_frozen_and_thaw_undoes_it() {
+        let (_root, cgroups, dir) = fake_v2();
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        cgroups.freeze("box", Duration::from_secs(1)).unwrap();
+        assert_eq!(read(&dir.join("cgroup.freeze")), "1");
+        cgroups.thaw("box");
+        assert_eq!(read(&dir.join("cgroup.freeze")), "0");
+    }
+
+    #[test]
+    fn v2_freeze_that_never_completes_fails_and_thaws() {
+        let (_root, cgroups, dir) = fake_v2();
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let error = cgroups
+            .freeze("box", Duration::from_millis(50))
+            .unwrap_err();
+        assert!(error.to_string().contains("did not freeze"), "{error}");
+        assert_eq!(read(&dir.join("cgroup.freeze")), "0");
+    }
+
+    #[test]
+    fn v1_freeze_and_thaw_use_the_freezer_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["memory", "pids", "cpu", "cpuacct", "devices", "freezer"] {
+            fs::create_dir(root.path().join(dir)).unwrap();
+        }
+        let cgroups = Cgroups::detect(root.path()).unwrap();
+        cgroups.create("box", &Limits::default()).unwrap();
+        // A plain file reads back what was written, as a freezer that froze at once would.
+        cgroups.freeze("box", Duration::from_secs(1)).unwrap();
+        let state = root.path().join("freezer/cordon/box/freezer.state");
+        assert_eq!(read(&state), "FROZEN");
+        cgroups.thaw("box");
+        assert_eq!(read(&state), "THAWED");
+    }
+
+    #[test]
+    fn killing_a_sandbox_thaws_it_first() {
+        let (_root, cgroups, dir) = fake_v2();
+        fs::write(dir.join("cgroup.freeze"), "1").unwrap();
+        cgroups.kill_all("box");
+        assert_eq!(read(&dir.join("cgroup.freeze")), "0");
     }
 
     #[test]

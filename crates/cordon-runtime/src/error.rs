@@ -36,6 +36,11 @@ pub enum RuntimeError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("capture of sandbox {id}: {source}")]
+    Capture {
+        id: String,
+        source: crate::CaptureError,
+    },
     #[error("agent channel: {0}")]
     Channel(#[from] cordon_channel::ChannelError),
 }

@@ -4,9 +4,9 @@
 //! A microVM backend implements the same trait; nothing in the trait mentions namespaces.
 //!
 //! The namespace backend needs: root; Linux ≥ 5.19 (idmapped overlayfs layers,
-//! `LOOP_CONFIGURE`, `close_range`); rootfs layers and the state dir on a filesystem that
+//! `LOOP_CONFIGURE`, `close_range`, `fsopen`); rootfs layers and the state dir on a filesystem that
 //! supports idmapped mounts (ext4, xfs, btrfs; tmpfs from 6.3; not overlayfs or NFS); cgroup
-//! v1 (memory, pids, cpu, cpuacct, devices) or v2 with the memory, pids and cpu controllers;
+//! v1 (memory, pids, cpu, cpuacct, devices, freezer) or v2 with the memory, pids and cpu controllers;
 //! and, for sandboxes with a disk limit, `mkfs.ext4` (e2fsprogs ≥ 1.43, for `-d`) and
 //! `/dev/loop-control`.
 
@@ -14,15 +14,21 @@ mod cgroup;
 mod error;
 mod fsutil;
 mod ids;
+mod layer_copy;
+#[doc(hidden)]
+pub mod loopdev;
 mod namespace;
 #[doc(hidden)]
 pub mod plan;
 mod spec;
 
+use std::path::Path;
+
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use error::RuntimeError;
+pub use layer_copy::CaptureError;
 pub use namespace::{NamespaceConfig, NamespaceRuntime};
 pub use spec::{validate_id, Limits, SandboxSpec, Weakening, DEFAULT_PIDS_MAX};
 
@@ -67,6 +73,12 @@ pub trait Runtime: Send + Sync {
     async fn open_channel(&self, id: &str) -> Result<Box<dyn ChannelIo>, RuntimeError>;
     /// The sandbox's current state.
     async fn state(&self, id: &str) -> Result<SandboxState, RuntimeError>;
+    /// Copies the sandbox's writable layer (its changes to the root filesystem: files with the
+    /// ids the sandbox sees, overlay whiteouts and opaque markers) into `dest`, an empty
+    /// directory, as a read-only layer usable in another sandbox's `SandboxSpec.layers`.
+    /// A running sandbox is frozen during the copy, so the layer is one point in time; `/tmp`
+    /// and processes are not part of it. Returns the bytes copied.
+    async fn capture(&self, id: &str, dest: &Path) -> Result<u64, RuntimeError>;
     /// The sandbox's current resource usage.
     async fn usage(&self, id: &str) -> Result<ResourceUsage, RuntimeError>;
     /// After a restart of the host process: finds every sandbox the backend knows about,

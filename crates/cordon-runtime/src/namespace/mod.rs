@@ -2,6 +2,7 @@
 //! launched by `cordon-nsinit` (see ARCHITECTURE.md, "Launching a namespace sandbox").
 
 mod agent;
+mod capture;
 mod launch;
 mod store;
 
@@ -16,6 +17,7 @@ use tokio::net::UnixStream;
 
 use crate::cgroup::Cgroups;
 use crate::error::{IoContext, RuntimeError};
+use crate::layer_copy::CopyLimits;
 use crate::plan::{is_alive, WritableLayer};
 use crate::{fsutil, ChannelIo, ResourceUsage, Runtime, SandboxSpec, SandboxState};
 use store::{IdRegistry, Record, SandboxDir};
@@ -39,6 +41,11 @@ pub struct NamespaceConfig {
     pub log_max_bytes: u64,
     /// `/tmp` tmpfs size when the sandbox has no memory limit (else the limit, capped by this).
     pub tmp_max_bytes: u64,
+    /// Bound on the file content a capture copies from a sandbox without a disk limit (with
+    /// one, the disk limit is the bound).
+    pub capture_max_bytes: u64,
+    /// Bound on the entries (files, directories, links, …) a capture copies.
+    pub capture_max_entries: u64,
 }
 
 impl NamespaceConfig {
@@ -56,9 +63,14 @@ impl NamespaceConfig {
             boot_timeout: Duration::from_secs(20),
             log_max_bytes: 1 << 20,
             tmp_max_bytes: 1 << 30,
+            capture_max_bytes: 16 << 30,
+            capture_max_entries: 2_000_000,
         }
     }
 }
+
+/// Directory nesting a capture follows (each level holds two fds while it is copied).
+const CAPTURE_MAX_DEPTH: usize = 256;
 
 /// One sandbox as this process knows it; the lock serialises lifecycle operations on it.
 struct Slot {
@@ -127,6 +139,8 @@ impl NamespaceRuntime {
         record: &mut Record,
     ) -> Result<(), RuntimeError> {
         if let Some(running) = record.running.take() {
+            // Frozen tasks (a capture cut short) would not even die of SIGKILL.
+            self.cgroups.thaw(id);
             launch::kill_init(running.pid, running.start_time).await;
         }
         let cgroups = self.cgroups.clone();
@@ -274,6 +288,40 @@ fn state_name(record: &Record) -> String {
 
 #[async_trait]
 impl Runtime for NamespaceRuntime {
+    async fn capture(&self, id: &str, dest: &std::path::Path) -> Result<u64, RuntimeError> {
+        let slot = self.slot(id)?;
+        // Held for the whole copy: no start, stop or destroy meanwhile.
+        let mut state = slot.inner.lock().await;
+        self.refresh(id, &slot, &mut state).await?;
+        let capture = capture::Capture {
+            id: id.to_string(),
+            layer: self.writable_layer(&slot.dir, &state.spec),
+            running: state.record.running.is_some(),
+            cgroups: self.cgroups.clone(),
+            dest: dest.to_path_buf(),
+            limits: CopyLimits {
+                max_bytes: state
+                    .spec
+                    .limits
+                    .disk_bytes
+                    .unwrap_or(self.config.capture_max_bytes),
+                max_entries: self.config.capture_max_entries,
+                max_depth: CAPTURE_MAX_DEPTH,
+            },
+        };
+        let stats = tokio::task::spawn_blocking(move || capture.run())
+            .await
+            .map_err(|e| RuntimeError::io("capture task", std::io::Error::other(e)))??;
+        tracing::info!(
+            sandbox = id,
+            bytes = stats.bytes,
+            entries = stats.entries,
+            skipped = stats.skipped,
+            "sandbox captured"
+        );
+        Ok(stats.bytes)
+    }
+
     async fn create(&self, spec: SandboxSpec) -> Result<(), RuntimeError> {
         spec.validate()?;
         for layer in &spec.layers {
@@ -420,6 +468,8 @@ impl Runtime for NamespaceRuntime {
             }
             match record.running {
                 Some(running) if is_alive(running.pid, running.start_time) => {
+                    // A capture cut short by a crash of the host process left it frozen.
+                    self.cgroups.thaw(&id);
                     tracing::info!(sandbox = %id, pid = running.pid, "re-adopted running sandbox");
                 }
                 Some(_) => {

@@ -129,8 +129,11 @@ pub fn mount_root(plan: &LaunchPlan, idmap: Option<BorrowedFd<'_>>) -> Result<()
         lowers.push(name);
     }
     mkdir("root", 0o755)?;
+    // No redirects and no metadata-only copy-ups, whatever the kernel's defaults: the upper
+    // layer then stands on its own and can be captured as a layer (see layer_copy.rs). A
+    // directory renamed from a lower layer gets EXDEV, and `mv` copies it instead.
     let options = format!(
-        "lowerdir={},upperdir=rw/upper,workdir=rw/work",
+        "lowerdir={},upperdir=rw/upper,workdir=rw/work,redirect_dir=nofollow,metacopy=off",
         lowers.join(":")
     );
     let mount_overlay = || {
@@ -197,8 +200,8 @@ fn attach_writable_layer(layer: &WritableLayer, idmap: Option<BorrowedFd<'_>>) -
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(image)
                 .with_context(|| format!("open {}", image.display()))?;
-            let (device, device_fd) =
-                sys::attach_loop(file.as_fd()).context("attach the disk image to a loop device")?;
+            let (device, device_fd) = cordon_runtime::loopdev::attach(file.as_fd())
+                .context("attach the disk image to a loop device")?;
             mkdir("disk", 0o700)?;
             // Autoclear detaches the loop device once this mount (held by the overlay) is gone.
             let mounted = mount(

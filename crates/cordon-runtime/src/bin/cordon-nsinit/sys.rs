@@ -1,5 +1,5 @@
 //! Thin safe wrappers for the syscalls no crate covers: the new mount API (idmapped mounts),
-//! loop device setup, `close_range` and bringing `lo` up.
+//! `close_range` and bringing `lo` up.
 
 use std::ffi::CString;
 use std::io;
@@ -98,78 +98,6 @@ pub fn cloexec_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range only changes fd flags.
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) })?;
     Ok(())
-}
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-
-/// Attaches `image` to a free loop device with autoclear (the device detaches itself when
-/// its last user, the mount, goes away). Returns the device path and its open fd.
-pub fn attach_loop(image: BorrowedFd<'_>) -> io::Result<(String, OwnedFd)> {
-    let control = nix::fcntl::open(
-        "/dev/loop-control",
-        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    for _ in 0..32 {
-        // SAFETY: ioctl without an argument on our loop-control fd.
-        let number = check(
-            unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) } as libc::c_long,
-        )?;
-        let path = format!("/dev/loop{number}");
-        let device = nix::fcntl::open(
-            path.as_str(),
-            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        // SAFETY: loop_config is plain data; all-zero is its documented default.
-        let mut config: LoopConfig = unsafe { std::mem::zeroed() };
-        config.fd = image.as_raw_fd() as u32;
-        config.info.lo_flags = LO_FLAGS_AUTOCLEAR;
-        // SAFETY: `config` is a valid loop_config for the duration of the call.
-        let ret = unsafe {
-            libc::ioctl(
-                device.as_raw_fd(),
-                LOOP_CONFIGURE as _,
-                &config as *const LoopConfig,
-            )
-        };
-        if ret == 0 {
-            return Ok((path, device));
-        }
-        let error = io::Error::last_os_error();
-        // Another process took the same free device between the two calls: try the next.
-        if error.raw_os_error() != Some(libc::EBUSY) {
-            return Err(error);
-        }
-    }
-    Err(io::Error::other("no free loop device"))
 }
 
 /// Brings the loopback interface of the current network namespace up.
