@@ -9,8 +9,11 @@ STATIC_DIR := target/$(TARGET)/release
 # Debian packages the host needs: busybox for the test root filesystem, e2fsprogs for the
 # per-sandbox disk images, bubblewrap as the benchmark baseline, debootstrap (and util-linux's
 # unshare) to build the default snapshot (`cordon prepare`), python3-venv for the official-client
-# suites.
-APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap python3-venv
+# suites; docker-registry (the real OCI registry the snapshot tests start on loopback), skopeo (to
+# push test images to it and as the image-pull benchmark baseline) and apache2-utils (htpasswd
+# for the registry's basic auth).
+APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap python3-venv \
+  docker-registry skopeo apache2-utils
 
 .PHONY: all deps agent build test lint bench run clients-test
 

@@ -1,10 +1,14 @@
-//! Snapshot images for Cordon: root filesystem layers that sandboxes boot from.
+//! Snapshot images for Cordon: the read-only root filesystem layers that sandboxes boot from.
 //!
-//! Today this crate builds the **default snapshot** (`system/default:latest`, the snapshot a
-//! sandbox created without one boots) from Debian packages with `debootstrap`; see
-//! [`default_snapshot`]. OCI image pulls will live here too.
+//! - [`default_snapshot`] builds the **default snapshot** (`system/default:latest`, the snapshot
+//!   a sandbox created without one boots) from Debian packages with `debootstrap`, once per host,
+//!   into the cache dir (`/var/cache/cordon` by default).
+//! - [`pull_image`] fetches an image from an OCI registry and [`import_archive`] reads one from
+//!   an OCI layout or `docker save` archive; both unpack its layers safely (`unpack`: confined,
+//!   fd-relative, bounded) into the [`LayerStore`], where layers are shared by every snapshot and
+//!   sandbox that uses them.
 //!
-//! A prepared snapshot is a directory in the cache dir (`/var/cache/cordon` by default):
+//! A prepared default snapshot is a directory in the cache dir:
 //!
 //! ```text
 //! <cache>/default-snapshot/<recipe hash>/
@@ -16,9 +20,17 @@
 //! ```
 //!
 //! The cache is kept apart from the server's data dir so that a fresh data dir starts in
-//! seconds: the minutes-long build happens once per host (`cordon prepare`).
+//! seconds: the minutes-long build happens once per host (`cordon prepare`). The layer store
+//! lives in the server's data dir (`<data>/layers/<id>/{rootfs/,layer.json}`), with the same
+//! id convention: files keep the ids the sandbox sees.
 
 pub mod default_snapshot;
+
+mod archive;
+mod image_config;
+mod layer_store;
+mod pull;
+mod unpack;
 
 mod apt_sources;
 mod cache;
@@ -27,5 +39,8 @@ mod error;
 mod mounts;
 mod process;
 
+pub use archive::{import_archive, ArchivedImage};
 pub use cache::PreparedSnapshot;
 pub use error::ImageError;
+pub use layer_store::{LayerId, LayerInfo, LayerStore, PendingLayer};
+pub use pull::{pull_image, Image, RegistryConfig, RegistryCredentials, UnpackLimits};

@@ -16,6 +16,8 @@ use cordon_channel::AgentClient;
 use cordon_runtime::{Limits, NamespaceConfig, NamespaceRuntime, Runtime, SandboxSpec, Weakening};
 use http_body_util::BodyExt;
 
+pub mod oci_layout;
+pub mod registry;
 mod rootfs;
 
 pub use rootfs::test_rootfs;
