@@ -53,7 +53,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench: deps agent
-	$(CARGO) build --release -p cordon -p cordon-bench
+	$(CARGO) build --release -p cordon -p cordon-runtime -p cordon-bench
 	./target/release/cordon-bench
 
 # `make run` serves the API on loopback with a local key; override any of these, e.g.

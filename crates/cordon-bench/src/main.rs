@@ -1,6 +1,6 @@
 //! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios
 //! (design/TARGETS.md). `CORDON_BENCH=p1,p5` picks sections (default all: p2, start, p1, p4,
-//! p5, p6, p8, p9, p10); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
+//! p5, p6, p8, p9, p10, images); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
 //!
 //! - P2: exec round trip of `true` from a Rust client over the WebSocket API, through the
 //!   channel, beside a host spawn of `true` and a `bwrap … true`.
@@ -12,8 +12,12 @@
 //!   the agent channel; beside `cat` of 1 GiB over a loopback TCP socket.
 //! - P8: `CORDON_BENCH_IDLE` (200) idle sandboxes at once and host memory each, beside as many
 //!   `bwrap … sleep`; P9: create+start+destroy rate beside `bwrap … true`; P10: exec p95 with
-//!   100 commands in flight over 20 sandboxes beside one at a time. See `more.rs` for the
-//!   other `CORDON_BENCH_*` knobs.
+//!   100 commands in flight over 20 sandboxes beside one at a time. See `target_metrics.rs`
+//!   for the other `CORDON_BENCH_*` knobs.
+//! - images: snapshot pull of a ~100 MB image from a `docker-registry` on loopback, cold
+//!   (empty layer store) beside `skopeo copy` + `tar -xzf` of its layers, and warm (layers
+//!   present); sandbox create + start from the pulled layers with a 1 GiB disk limit, beside
+//!   the busybox rootfs with the same limit and `bwrap … true`. Knobs in `image_metrics.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +32,7 @@ use cordon_testkit::{spec, test_rootfs, TestOptions};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod image_metrics;
 mod target_metrics;
 
 const EXEC_ROUNDS: usize = 300;
@@ -104,6 +109,12 @@ async fn main() -> Result<()> {
     if sections.has("p10") {
         if let Err(error) = target_metrics::p10(&runtime, &mut table).await {
             table.notes.push(format!("P10: not measured: {error:#}"));
+        }
+    }
+    if sections.has("images") {
+        if let Err(error) = image_metrics::images(&runtime, state.path(), &bwrap, &mut table).await
+        {
+            table.notes.push(format!("images: not measured: {error:#}"));
         }
     }
     table.print();

@@ -25,7 +25,7 @@ use crate::{bwrap_true, exec_true, ms, percentiles, run_ok, time_n, Phases, Sect
 const GIB: u64 = 1 << 30;
 const MIB: usize = 1 << 20;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|value| value.parse().ok())
