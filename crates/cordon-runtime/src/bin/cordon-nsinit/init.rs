@@ -65,8 +65,8 @@ fn setup_and_exec(
     }
     unshare(CloneFlags::CLONE_NEWCGROUP).context("unshare the cgroup namespace")?;
     mounts::pivot_into("root")?;
-    mounts::populate(plan)?;
-    redirect_stdio(log)?;
+    let populated = mounts::populate(plan)?;
+    redirect_stdio(populated.dev_null, log)?;
     privileges::set_rlimits(plan.nproc_limit)?;
 
     // Step 5: become the sandbox's root, then drop what Docker drops.
@@ -106,9 +106,7 @@ fn join_owned_namespaces(plan: &LaunchPlan, ns: &Namespaces) -> Result<()> {
 }
 
 /// stdin from the sandbox's /dev/null; stdout and stderr into the log pipe.
-fn redirect_stdio(log: OwnedFd) -> Result<()> {
-    let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-        .context("open /dev/null")?;
+fn redirect_stdio(null: OwnedFd, log: OwnedFd) -> Result<()> {
     // SAFETY: fds 0-2 are ours; dup2 replaces them atomically.
     unsafe {
         dup2_raw(&null, 0).context("stdin")?.into_raw_fd_leak();

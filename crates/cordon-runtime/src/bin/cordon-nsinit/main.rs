@@ -13,6 +13,7 @@ mod mounts;
 mod privileges;
 mod seccomp;
 mod sys;
+mod targets;
 mod userns;
 
 use std::io::{Read, Write};

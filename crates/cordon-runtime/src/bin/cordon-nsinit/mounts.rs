@@ -3,21 +3,25 @@
 //!
 //! The overlay's layers are attached under a private tmpfs in the host-only sandbox dir and
 //! named relative to it, so `/proc/self/mountinfo` inside shows `lowerdir=l0,upperdir=rw/upper`
-//! rather than host paths. After `pivot_root` everything is resolved inside the new root, and
-//! a mount target that is a symlink (the writable layer is sandbox-controlled) fails the boot
-//! instead of being followed.
+//! rather than host paths. After `pivot_root` the system mounts are made on targets inside the
+//! new root, whose tree the image and earlier runs control: each is opened without following
+//! anything (`targets`), checked, and mounted onto by fd; a symlink or a file where a
+//! directory belongs fails the boot with a message naming the path.
 
 use std::fs::{self, DirBuilder};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use cordon_runtime::plan::{LaunchPlan, WritableLayer};
+use nix::fcntl::{open, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::stat::{fstat, makedev, mkdirat, mknodat, Mode, SFlag};
+use nix::unistd::{fchownat, symlinkat, Gid, Uid};
 
-use crate::sys;
+use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+use crate::targets;
 
 /// runc's and podman's masked paths, united. Files get /dev/null bound over them,
 /// directories an empty read-only tmpfs.
@@ -59,24 +63,19 @@ const DEVICES: &[(&str, u64, u64)] = &[
     ("tty", 5, 0),
 ];
 
+/// Symlinks of the minimal /dev: name, target.
 const DEV_LINKS: &[(&str, &str)] = &[
-    ("/dev/ptmx", "pts/ptmx"),
-    ("/dev/fd", "/proc/self/fd"),
-    ("/dev/stdin", "/proc/self/fd/0"),
-    ("/dev/stdout", "/proc/self/fd/1"),
-    ("/dev/stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
 ];
 
 const TTY_GID: u32 = 5;
 
 fn flags_nosuid_nodev() -> MsFlags {
     MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-}
-
-fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: &str) -> Result<()> {
-    let data = (!data.is_empty()).then_some(data);
-    mount(Some(fstype), target, Some(fstype), flags, data)
-        .with_context(|| format!("mount {fstype} on {target}"))
 }
 
 fn mkdir(path: impl AsRef<Path>, mode: u32) -> Result<()> {
@@ -233,167 +232,279 @@ pub fn pivot_into(new_root: &str) -> Result<()> {
     Ok(())
 }
 
-/// A mount point inside the new root must be a real directory, never a symlink.
-fn ensure_mount_dir(path: &str) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_dir() => Ok(()),
-        Ok(_) => bail!("rootfs {path} is not a directory (a symlink?); refusing to mount over it"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => mkdir(path, 0o755),
-        Err(e) => Err(e).with_context(|| format!("stat {path}")),
-    }
+/// What [`populate`] leaves the init: `/dev/null` of the sandbox's own `/dev`, open for
+/// reading and writing (its stdin).
+pub struct Populated {
+    pub dev_null: OwnedFd,
 }
 
-/// Mounts /dev, /proc, /sys and /tmp in the new root.
-pub fn populate(plan: &LaunchPlan) -> Result<()> {
-    for dir in ["/dev", "/proc", "/sys", "/tmp"] {
-        ensure_mount_dir(dir)?;
-    }
-    mount_dev(plan)?;
-    mount_fs(
-        "proc",
-        "/proc",
-        flags_nosuid_nodev() | MsFlags::MS_NOEXEC,
-        "",
-    )?;
-    mount_fs(
-        "sysfs",
-        "/sys",
-        flags_nosuid_nodev() | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-        "",
-    )?;
+/// The mounts made on the new root's directories; each fd is the root of its mount.
+struct SystemMounts {
+    proc: OwnedFd,
+    sys: OwnedFd,
+}
+
+/// Mounts /dev, /proc, /sys and /tmp in the new root (the cwd and `/` after [`pivot_into`]).
+///
+/// The root's tree is sandbox-controlled (see `targets`): the four mount points are resolved
+/// and checked first, so a symlink or a non-directory fails the boot with nothing mounted,
+/// and every mount is attached onto the fd that was checked. Missing ones are created, as the
+/// sandbox's root, in the writable layer.
+pub fn populate(plan: &LaunchPlan) -> Result<Populated> {
+    let root = open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .context("open the new root")?;
+    let dev = mount_point(plan, root.as_fd(), "dev")?;
+    let proc = mount_point(plan, root.as_fd(), "proc")?;
+    let sys = mount_point(plan, root.as_fd(), "sys")?;
+    let tmp = mount_point(plan, root.as_fd(), "tmp")?;
+
+    let dev_null = mount_dev(plan, dev.as_fd())?;
+    let system = SystemMounts {
+        proc: attach_new_fs(
+            "proc",
+            "",
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            proc.as_fd(),
+            "/proc",
+        )?,
+        sys: attach_new_fs(
+            "sysfs",
+            "ro",
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            sys.as_fd(),
+            "/sys",
+        )?,
+    };
     if !plan.weaken.no_proc_masking {
-        mask_paths()?;
-        make_read_only()?;
+        mask_paths(&system, dev_null.as_fd())?;
+        make_read_only(&system)?;
     }
-    let tmp = format!(
+    let tmp_options = format!(
         "mode=1777,size={},nr_inodes={},uid={base},gid={base}",
         plan.tmp_size_bytes,
         plan.tmp_inodes,
         base = plan.id_base
     );
-    mount_fs("tmpfs", "/tmp", flags_nosuid_nodev(), &tmp)
+    attach_new_fs(
+        "tmpfs",
+        &tmp_options,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        tmp.as_fd(),
+        "/tmp",
+    )?;
+    Ok(Populated { dev_null })
 }
 
-fn mount_dev(plan: &LaunchPlan) -> Result<()> {
-    let dev_options = format!(
+/// The directory `/name` of the new root, created when missing; anything else it could be
+/// (a symlink above all) fails the boot.
+fn mount_point(plan: &LaunchPlan, root: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
+    let shown = format!("/{name}");
+    if let Some(found) = targets::find(root, name, &shown)? {
+        return targets::expect_directory(found, &shown);
+    }
+    // mkdirat never follows a symlink in its last component, and the parent is the root fd.
+    // Through the idmapped upper layer only the sandbox's ids are representable.
+    let create = || {
+        mkdirat(root, name, Mode::from_bits_truncate(0o755))
+            .with_context(|| format!("create the mount point {shown}"))
+    };
+    if plan.weaken.no_user_namespace {
+        create()?;
+    } else {
+        as_sandbox_root(plan.id_base, create)?;
+    }
+    let found = targets::find(root, name, &shown)?
+        .with_context(|| format!("{shown} vanished after it was created"))?;
+    targets::expect_directory(found, &shown)
+}
+
+/// "a=b,c" → `[("a", Some("b")), ("c", None)]`.
+fn fs_params(options: &str) -> Vec<sys::FsParam<'_>> {
+    options
+        .split(',')
+        .filter(|option| !option.is_empty())
+        .map(|option| match option.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (option, None),
+        })
+        .collect()
+}
+
+/// Creates a new `fstype` filesystem with `options` and attaches it onto `target`; returns
+/// the fd of the new mount's root.
+fn attach_new_fs(
+    fstype: &str,
+    options: &str,
+    attrs: u64,
+    target: BorrowedFd<'_>,
+    shown: &str,
+) -> Result<OwnedFd> {
+    let mount = sys::new_fs(fstype, &fs_params(options), attrs)
+        .with_context(|| format!("create a {fstype} for {shown}"))?;
+    sys::attach_tree_at(mount.as_fd(), target)
+        .with_context(|| format!("mount {fstype} on {shown}"))?;
+    Ok(mount)
+}
+
+/// A fresh tmpfs on `/dev` with the device nodes, links, devpts and shm, then made read-only.
+/// Everything is created through the new mount's fd, so nothing in the image's `/dev` (a
+/// `/dev/null` or `/dev/console` symlink, say) is ever looked at. Returns `/dev/null`.
+fn mount_dev(plan: &LaunchPlan, target: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let options = format!(
         "mode=755,size=64k,nr_inodes=64,uid={base},gid={base}",
         base = plan.id_base
     );
-    mount_fs(
+    let dev = attach_new_fs(
         "tmpfs",
+        &options,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        target,
         "/dev",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        &dev_options,
     )?;
-    let old_umask = nix::sys::stat::umask(Mode::empty());
-    for (name, major, minor) in DEVICES {
-        let path = format!("/dev/{name}");
-        mknod(
-            path.as_str(),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
-        )
-        .with_context(|| format!("mknod {path}"))?;
-    }
-    nix::sys::stat::umask(old_umask);
-    for (link, target) in DEV_LINKS {
-        std::os::unix::fs::symlink(target, link).with_context(|| format!("symlink {link}"))?;
-    }
-    // Owned by the sandbox's root, as in any container (the tmpfs is made read-only below).
-    let device_paths = DEVICES.iter().map(|(name, _, _)| format!("/dev/{name}"));
-    for path in device_paths.chain(DEV_LINKS.iter().map(|(link, _)| link.to_string())) {
-        std::os::unix::fs::lchown(&path, Some(plan.id_base), Some(plan.id_base))
-            .with_context(|| format!("chown {path}"))?;
-    }
-    for dir in ["/dev/pts", "/dev/shm"] {
-        mkdir(dir, 0o755)?;
+    make_device_nodes(plan, dev.as_fd())?;
+    for dir in ["pts", "shm"] {
+        mkdirat(dev.as_fd(), dir, Mode::from_bits_truncate(0o755))
+            .with_context(|| format!("mkdir /dev/{dir}"))?;
     }
     let pts = format!(
         "newinstance,ptmxmode=0666,mode=0620,gid={}",
         plan.id_base + TTY_GID
     );
-    mount_fs(
+    attach_new_fs(
         "devpts",
-        "/dev/pts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         &pts,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        dev_dir(dev.as_fd(), "pts")?.as_fd(),
+        "/dev/pts",
     )?;
     let shm = format!(
         "mode=1777,size={},nr_inodes=4096,uid={base},gid={base}",
         plan.tmp_size_bytes.min(64 << 20),
         base = plan.id_base
     );
-    mount_fs(
+    attach_new_fs(
         "tmpfs",
-        "/dev/shm",
-        flags_nosuid_nodev() | MsFlags::MS_NOEXEC,
         &shm,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        dev_dir(dev.as_fd(), "shm")?.as_fd(),
+        "/dev/shm",
     )?;
+    let dev_null = open_dev_null(dev.as_fd())?;
     // The /dev tmpfs itself is done: nothing may add nodes or links to it later.
-    mount(
-        None::<&str>,
-        "/dev",
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some(dev_options.as_str()),
-    )
-    .context("remount /dev read-only")?;
+    sys::set_tree_attrs(&dev, None, MOUNT_ATTR_RDONLY).context("make /dev read-only")?;
+    Ok(dev_null)
+}
+
+fn dev_dir(dev: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
+    let shown = format!("/dev/{name}");
+    let found = targets::find(dev, name, &shown)?.with_context(|| format!("{shown} is missing"))?;
+    targets::expect_directory(found, &shown)
+}
+
+fn make_device_nodes(plan: &LaunchPlan, dev: BorrowedFd<'_>) -> Result<()> {
+    let old_umask = nix::sys::stat::umask(Mode::empty());
+    let made = DEVICES.iter().try_for_each(|(name, major, minor)| {
+        mknodat(
+            dev,
+            *name,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .with_context(|| format!("mknod /dev/{name}"))
+    });
+    nix::sys::stat::umask(old_umask);
+    made?;
+    for (link, target) in DEV_LINKS {
+        symlinkat(*target, dev, *link).with_context(|| format!("symlink /dev/{link}"))?;
+    }
+    // Owned by the sandbox's root, as in any container (the tmpfs is made read-only later).
+    let names = DEVICES.iter().map(|(name, _, _)| *name);
+    for name in names.chain(DEV_LINKS.iter().map(|(link, _)| *link)) {
+        let id = Some(plan.id_base);
+        fchownat(
+            dev,
+            name,
+            id.map(Uid::from_raw),
+            id.map(Gid::from_raw),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .with_context(|| format!("chown /dev/{name}"))?;
+    }
     Ok(())
 }
 
-fn mask_paths() -> Result<()> {
+/// The `/dev/null` just made, checked to be the null device: it is bound over masked files.
+fn open_dev_null(dev: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let null = targets::open_beneath(dev, "null", OFlag::O_RDWR).context("open /dev/null")?;
+    let stat = fstat(&null).context("stat /dev/null")?;
+    let is_char = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR;
+    if !is_char || stat.st_rdev != makedev(1, 3) {
+        bail!("/dev/null is not the null device");
+    }
+    Ok(null)
+}
+
+/// The mount root a masked or read-only path lives on, and the path below it.
+fn locate<'a>(system: &'a SystemMounts, path: &'a str) -> (BorrowedFd<'a>, &'a str) {
+    match (path.strip_prefix("/proc/"), path.strip_prefix("/sys/")) {
+        (Some(below), _) => (system.proc.as_fd(), below),
+        (_, Some(below)) => (system.sys.as_fd(), below),
+        _ => unreachable!("masked and read-only paths are all under /proc or /sys"),
+    }
+}
+
+fn mask_paths(system: &SystemMounts, dev_null: BorrowedFd<'_>) -> Result<()> {
     for path in MASKED {
-        let Ok(meta) = fs::symlink_metadata(path) else {
+        let (mount, below) = locate(system, path);
+        let Some(found) = targets::find(mount, below, path)? else {
             continue;
         };
-        if meta.is_dir() {
-            mount(
-                Some("tmpfs"),
-                *path,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY | flags_nosuid_nodev() | MsFlags::MS_NOEXEC,
-                Some("size=0,nr_inodes=1,mode=0500"),
-            )
-            .with_context(|| format!("mask {path}"))?;
-        } else if !meta.file_type().is_symlink() {
-            mount(
-                Some("/dev/null"),
-                *path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .with_context(|| format!("mask {path}"))?;
+        match found.kind {
+            // Only the kernel makes links in /proc and /sys; none is on the list.
+            SFlag::S_IFLNK => continue,
+            SFlag::S_IFDIR => {
+                attach_new_fs(
+                    "tmpfs",
+                    "size=0,nr_inodes=1,mode=0500",
+                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+                    found.fd.as_fd(),
+                    path,
+                )
+                .with_context(|| format!("mask {path}"))?;
+            }
+            _ => {
+                let null = sys::clone_tree_at(dev_null).context("bind /dev/null")?;
+                sys::attach_tree_at(null.as_fd(), found.fd.as_fd())
+                    .with_context(|| format!("mask {path}"))?;
+            }
         }
     }
     Ok(())
 }
 
-fn make_read_only() -> Result<()> {
+fn make_read_only(system: &SystemMounts) -> Result<()> {
     for path in READ_ONLY {
-        let Ok(meta) = fs::symlink_metadata(path) else {
+        let (mount, below) = locate(system, path);
+        let Some(found) = targets::find(mount, below, path)? else {
             continue;
         };
-        if meta.file_type().is_symlink() || meta.file_type().is_socket() {
+        if matches!(found.kind, SFlag::S_IFLNK | SFlag::S_IFSOCK) {
             continue;
         }
-        let target = PathBuf::from(path);
-        mount(
-            Some(&target),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
+        let tree = sys::clone_tree_at(found.fd.as_fd()).with_context(|| format!("bind {path}"))?;
+        sys::set_tree_attrs(
+            &tree,
+            None,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
         )
-        .with_context(|| format!("bind {path}"))?;
-        let flags = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | flags_nosuid_nodev()
-            | MsFlags::MS_NOEXEC;
-        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-            .with_context(|| format!("remount {path} read-only"))?;
+        .with_context(|| format!("make {path} read-only"))?;
+        sys::attach_tree_at(tree.as_fd(), found.fd.as_fd())
+            .with_context(|| format!("mount {path} read-only"))?;
     }
     Ok(())
 }

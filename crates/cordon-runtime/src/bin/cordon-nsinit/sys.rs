@@ -1,5 +1,5 @@
-//! Thin safe wrappers for the syscalls no crate covers: the new mount API (idmapped mounts),
-//! `close_range` and bringing `lo` up.
+//! Thin safe wrappers for the syscalls no crate covers: the new mount API (idmapped mounts,
+//! filesystems created and attached through fds), `close_range` and bringing `lo` up.
 
 use std::ffi::CString;
 use std::io;
@@ -25,6 +25,7 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
 pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = libc::MOUNT_ATTR_NOEXEC;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 #[repr(C)]
@@ -51,8 +52,8 @@ pub fn clone_tree(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Sets `attrs` on a detached mount (`mount_setattr`) and, with `idmap`, idmaps it through
-/// that user namespace.
+/// Sets `attrs` on the mount `tree` refers to (`mount_setattr`; detached, or attached in
+/// this mount namespace) and, with `idmap`, idmaps it through that user namespace.
 pub fn set_tree_attrs(tree: &OwnedFd, idmap: Option<BorrowedFd<'_>>, attrs: u64) -> io::Result<()> {
     let attr = MountAttr {
         attr_set: attrs | idmap.map_or(0, |_| MOUNT_ATTR_IDMAP),
@@ -88,6 +89,110 @@ pub fn attach_tree(tree: &OwnedFd, target: &Path) -> io::Result<()> {
             MOVE_MOUNT_F_EMPTY_PATH,
         )
     })?;
+    Ok(())
+}
+
+/// A detached copy of the file or directory `fd` refers to (`open_tree(OPEN_TREE_CLONE)` with
+/// an empty path): a bind mount of exactly that object, with nothing resolved by name.
+pub fn clone_tree_at(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: valid fd and empty C string, flags as documented for open_tree(2).
+    let tree = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    })?;
+    // SAFETY: open_tree returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as RawFd) })
+}
+
+/// Attaches a detached mount onto the file or directory `target` refers to (`move_mount`
+/// with both paths empty), so the kernel resolves no name at all.
+pub fn attach_tree_at(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: valid fds and empty C strings.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
+
+/// One filesystem parameter: `key=value`, or a flag when the value is `None`.
+pub type FsParam<'a> = (&'a str, Option<&'a str>);
+
+/// A new, detached filesystem instance (`fsopen` + `fsconfig` + `fsmount`) with mount
+/// attributes `attrs`; its source shows as `fstype` in mountinfo, as with mount(8).
+pub fn new_fs(fstype: &str, params: &[FsParam<'_>], attrs: u64) -> io::Result<OwnedFd> {
+    let name = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C string, flags as documented for fsopen(2).
+    let context =
+        check(unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), libc::FSOPEN_CLOEXEC) })?;
+    // SAFETY: fsopen returned a new fd we now own.
+    let context = unsafe { OwnedFd::from_raw_fd(context as RawFd) };
+    fs_config(&context, libc::FSCONFIG_SET_STRING, "source", Some(fstype))?;
+    for (key, value) in params {
+        let command = match value {
+            Some(_) => libc::FSCONFIG_SET_STRING,
+            None => libc::FSCONFIG_SET_FLAG,
+        };
+        fs_config(&context, command, key, *value)?;
+    }
+    // SAFETY: a command without key or value.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            context.as_raw_fd(),
+            libc::FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    })?;
+    // SAFETY: valid filesystem context fd; fsmount(2) flags and attributes.
+    let mount = check(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            context.as_raw_fd(),
+            libc::FSMOUNT_CLOEXEC,
+            attrs as libc::c_uint,
+        )
+    })?;
+    // SAFETY: fsmount returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(mount as RawFd) })
+}
+
+fn fs_config(
+    context: &OwnedFd,
+    command: libc::c_uint,
+    key: &str,
+    value: Option<&str>,
+) -> io::Result<()> {
+    let invalid = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a mount option");
+    let key_c = CString::new(key).map_err(invalid)?;
+    let value_c = value.map(CString::new).transpose().map_err(invalid)?;
+    let value_ptr = value_c
+        .as_ref()
+        .map_or(std::ptr::null(), |value| value.as_ptr());
+    // SAFETY: valid fd and C strings that outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            context.as_raw_fd(),
+            command,
+            key_c.as_ptr(),
+            value_ptr,
+            0,
+        )
+    })
+    .map_err(|e| io::Error::new(e.kind(), format!("option {key}: {e}")))?;
     Ok(())
 }
 
