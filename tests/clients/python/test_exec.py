@@ -71,6 +71,16 @@ def test_env_cwd_and_run_config(shared_sandbox):
     )
 
 
+def test_root_can_add_users_and_groups(make_sandbox):
+    """Debian packages' install scripts run groupadd/useradd, which open an audit socket first:
+    the sandbox must answer it the way a kernel without audit does, not with EPERM."""
+    sb = make_sandbox()
+    root = {"user": "root"}
+    result = sb.run("groupadd -r cordontest && useradd -r -g cordontest -M cordontest && id cordontest", run_config=root)
+    assert result.exit_code == 0, result.stderr
+    assert "cordontest" in result.stdout
+
+
 def test_utf8_output_across_chunks(shared_sandbox):
     """Chunks split on UTF-8 boundaries and offsets count raw bytes (§3.3.5)."""
     text = "héllo wörld ✓ 日本語 🎉"

@@ -24,7 +24,7 @@ pub fn run(
     plan: &LaunchPlan,
     namespaces: &Namespaces,
     log: OwnedFd,
-    filters: &[BpfProgram; 2],
+    filters: &[BpfProgram; seccomp::PROGRAMS],
 ) -> anyhow::Error {
     match setup_and_exec(plan, namespaces, log, filters) {
         Err(error) => error,
@@ -36,7 +36,7 @@ fn setup_and_exec(
     plan: &LaunchPlan,
     ns: &Namespaces,
     log: OwnedFd,
-    filters: &[BpfProgram; 2],
+    filters: &[BpfProgram; seccomp::PROGRAMS],
 ) -> Result<Infallible> {
     // Step 3: our own mount namespace (the pid namespace came with the fork, the cgroup
     // namespace follows the last cgroup join); all owned by the host user namespace, so

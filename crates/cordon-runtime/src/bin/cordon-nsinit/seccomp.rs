@@ -4,7 +4,10 @@
 //! Default action EPERM; a non-native architecture (i386 via `int 0x80`) kills the process
 //! (seccompiler emits the arch check); x32 numbers (`nr | 0x40000000`) never equal an allowed
 //! number, so they get EPERM. `clone3` returns ENOSYS from a second filter so libcs fall back
-//! to `clone`, whose namespace flags the first filter refuses.
+//! to `clone`, whose namespace flags the first filter refuses. A third filter answers an audit
+//! netlink socket with EPROTONOSUPPORT, what the kernel itself says outside the initial network
+//! namespace: libaudit treats that as "no audit here", while EPERM makes shadow's `groupadd`
+//! and `useradd` (run by many Debian packages' install scripts) abort.
 
 use std::collections::BTreeMap;
 
@@ -390,8 +393,11 @@ fn allow_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     Ok(rules)
 }
 
-/// The two BPF programs, in the order they must be installed.
-pub fn programs() -> Result<[BpfProgram; 2]> {
+/// How many BPF programs [`programs`] makes.
+pub const PROGRAMS: usize = 3;
+
+/// The BPF programs, in the order they must be installed.
+pub fn programs() -> Result<[BpfProgram; PROGRAMS]> {
     let arch = TargetArch::x86_64;
     let main = SeccompFilter::new(
         allow_rules()?,
@@ -409,14 +415,34 @@ pub fn programs() -> Result<[BpfProgram; 2]> {
         arch,
     )
     .context("seccomp clone3 filter")?;
+    let audit_socket = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_socket, vec![audit_netlink_socket()?])]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPROTONOSUPPORT as u32),
+        arch,
+    )
+    .context("seccomp audit socket filter")?;
     Ok([
         main.try_into().context("compile seccomp allowlist")?,
         clone3.try_into().context("compile clone3 filter")?,
+        audit_socket
+            .try_into()
+            .context("compile audit socket filter")?,
+    ])
+}
+
+/// `socket(AF_NETLINK, _, NETLINK_AUDIT)`.
+fn audit_netlink_socket() -> Result<SeccompRule> {
+    use SeccompCmpArgLen::Dword;
+    use SeccompCmpOp::Eq;
+    rule(vec![
+        condition(0, Dword, Eq, libc::AF_NETLINK as u64)?,
+        condition(2, Dword, Eq, libc::NETLINK_AUDIT as u64)?,
     ])
 }
 
 /// Installs the programs (no_new_privs must already be set).
-pub fn install(programs: &[BpfProgram; 2]) -> Result<()> {
+pub fn install(programs: &[BpfProgram; PROGRAMS]) -> Result<()> {
     for program in programs {
         seccompiler::apply_filter(program).context("install seccomp filter")?;
     }
@@ -460,7 +486,7 @@ mod tests {
         }
     }
 
-    /// What the kernel does with both filters: most recent first, the action of highest
+    /// What the kernel does with all the filters: most recent first, the action of highest
     /// precedence (lowest as a signed number) wins, the first seen among equals.
     fn decide(nr: i64, arch: u32, args: [u64; 6]) -> u32 {
         let mut data = [0u8; 64];
@@ -486,6 +512,7 @@ mod tests {
     const ALLOW: u32 = 0x7fff_0000;
     const EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
     const ENOSYS: u32 = 0x0005_0000 | libc::ENOSYS as u32;
+    const EPROTONOSUPPORT: u32 = 0x0005_0000 | libc::EPROTONOSUPPORT as u32;
     const KILL_PROCESS: u32 = 0x8000_0000;
 
     fn call(nr: i64, args: &[u64]) -> u32 {
@@ -542,6 +569,14 @@ mod tests {
                 &[libc::AF_NETLINK as u64, 3, libc::NETLINK_NETFILTER as u64]
             ),
             EPERM
+        );
+        // Audit netlink: "not supported here" (libaudit's cue to carry on), never allowed.
+        assert_eq!(
+            call(
+                libc::SYS_socket,
+                &[libc::AF_NETLINK as u64, 3, libc::NETLINK_AUDIT as u64]
+            ),
+            EPROTONOSUPPORT
         );
         assert_eq!(call(libc::SYS_socket, &[libc::AF_PACKET as u64]), EPERM);
         assert_eq!(call(libc::SYS_socket, &[libc::AF_VSOCK as u64]), EPERM);
