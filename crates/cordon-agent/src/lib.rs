@@ -1,6 +1,7 @@
 //! The in-sandbox agent. See ARCHITECTURE.md, "The agent".
 
 pub mod config;
+pub mod connect;
 pub mod exec;
 pub mod files;
 pub mod identity;

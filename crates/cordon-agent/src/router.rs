@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/_cordon/config", put(put_config))
         .route("/_cordon/health", get(health))
+        .route("/_cordon/connect/{port}", get(crate::connect::connect))
         .merge(crate::exec::routes())
         .merge(crate::files::routes())
         .with_state(state)

@@ -9,6 +9,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod run_config;
+pub mod tunnel;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use run_config::{RunConfig, RunConfigError};
