@@ -10,10 +10,11 @@ STATIC_DIR := target/$(TARGET)/release
 # per-sandbox disk images, bubblewrap as the benchmark baseline, debootstrap (and util-linux's
 # unshare) to build the default snapshot (`cordon prepare`), python3-venv for the official-client
 # suites; docker-registry (the real OCI registry the snapshot tests start on loopback), skopeo (to
-# push test images to it and as the image-pull benchmark baseline) and apache2-utils (htpasswd
-# for the registry's basic auth).
+# push test images to it and as the image-pull benchmark baseline), apache2-utils (htpasswd
+# for the registry's basic auth), chromium (headless, opens a service URL's browser_url) and
+# redis-tools (redis-cli, the real client the tunnel tests drive through a tunnel).
 APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap python3-venv \
-  docker-registry skopeo apache2-utils
+  docker-registry skopeo apache2-utils chromium redis-tools
 
 .PHONY: all deps agent build test lint bench run clients-test
 
@@ -46,6 +47,7 @@ test: deps agent
 # the pins are unchanged. Node comes from Debian (nodejs, npm) when the machine has none.
 clients-test: deps agent
 	$(CARGO) build -p cordon
+	$(CARGO) build -p cordon-testkit --example test-registries
 	tests/clients/run.sh
 
 lint:

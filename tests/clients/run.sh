@@ -33,22 +33,8 @@ for req in "${reqs[@]}"; do
   echo "=== official Python client suite: $version ($req)"
   start=$(date +%s)
   rc=0
-  log=$(mktemp)
-  "$venv/bin/python" -m pytest tests/clients/python "$@" 2>&1 | tee "$log" || rc=$?
-  failed=$(sed -n 's/^FAILED \([^ ]*\).*/\1/p' "$log" | sort -u)
-  rm -f "$log"
-  note=""
-  if [ "$rc" -eq 1 ] && [ -n "$failed" ]; then
-    # Known intermittent server bug (a pooled keep-alive connection closed under the client;
-    # see the closing note of the first session): rerun only the failed tests, once, and say so
-    # loudly. A failure that repeats still fails the suite.
-    echo "=== $version: FLAKY? rerunning the failed tests once; the failure above is a bug to fix"
-    rc=0
-    # shellcheck disable=SC2086 # one argument per failed test id
-    "$venv/bin/python" -m pytest $failed || rc=$?
-    note=" (after rerunning its failed tests once)"
-  fi
-  summary+=("$version: exit $rc in $(( $(date +%s) - start ))s$note")
+  "$venv/bin/python" -m pytest tests/clients/python "$@" || rc=$?
+  summary+=("$version: exit $rc in $(( $(date +%s) - start ))s")
   [ "$rc" -eq 0 ] || status=$rc
 done
 if [ "${CLIENTS_JS:-}" = none ]; then

@@ -1,4 +1,4 @@
-//! Control-plane handlers (spec §2.2, §2.3.2–2.3.4).
+//! Control-plane handlers of sandboxes (spec §2.2); snapshots are in `snapshots::routes`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::{ApiError, FieldError};
-use crate::model::{iso8601, now_ms, SandboxRecord, Status};
+use crate::model::{now_ms, SandboxRecord, Status};
+use crate::paging::page;
 use crate::validate::{Fields, MAX_CREATE_TIMEOUT};
 use crate::{App, Workspace};
 
@@ -25,7 +26,7 @@ const MAX_PAGE: usize = 1000;
 type ApiResult = Result<Response, ApiError>;
 
 /// The body as a JSON object, or the 422 array the clients expect.
-fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let invalid = |msg: &str| {
         ApiError::Validation(vec![FieldError {
             loc: vec!["body".into()],
@@ -57,7 +58,7 @@ fn find(app: &App, workspace: &Workspace, key: &str) -> Result<SandboxRecord, Ap
 fn sandbox_response(app: &App, headers: &HeaderMap, record: &SandboxRecord) -> Response {
     let json = record.to_json(
         &app.public_base(headers),
-        &app.sandboxes.snapshot.run_config,
+        app.sandboxes.base_run_config(record),
     );
     Json(json).into_response()
 }
@@ -108,6 +109,7 @@ fn parse_create(
         created_at: now,
         updated_at: now,
         stopped_at: None,
+        base: None,
     };
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
@@ -128,16 +130,26 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let request = parse_create(&app, &workspace, &json_object(&body)?)?;
-    if let Some(reference) = &request.snapshot {
-        if app.find_snapshot(reference).is_none() {
-            return Err(ApiError::NotFound(format!(
-                "Snapshot '{reference}' not found"
-            )));
+    let mut request = parse_create(&app, &workspace, &json_object(&body)?)?;
+    // Until the record is in the store, its snapshot's layers must not be reclaimed.
+    let claim = app.snapshots.claim_layers().await;
+    let (snapshot_id, base, default_fs_capacity) = match &request.snapshot {
+        Some(reference) => {
+            let found = app.snapshots.find_or_404(&workspace.0, reference)?;
+            app.snapshots.sandbox_base(found, reference)?
         }
-    }
+        None => (
+            app.sandboxes.snapshot_id.clone(),
+            app.sandboxes.default_base(),
+            None,
+        ),
+    };
+    request.record.snapshot_id = snapshot_id;
+    request.record.base = Some(base);
+    request.record.fs_capacity_bytes = request.record.fs_capacity_bytes.or(default_fs_capacity);
     check_quota(&app, &workspace)?;
     let record = insert_with_name(&app, request.record, request.name)?;
+    drop(claim);
     tracing::info!(sandbox = %record.id, name = %record.name, "creating sandbox");
     if !request.wait_for_ready {
         return Ok(sandbox_response(&app, &headers, &record));
@@ -230,7 +242,7 @@ pub async fn list(
         .list(Some(&workspace.0))?
         .into_iter()
         .filter(|r| matches_filters(r, &query))
-        .map(|r| r.to_json(&base, &app.sandboxes.snapshot.run_config))
+        .map(|r| r.to_json(&base, app.sandboxes.base_run_config(&r)))
         .collect();
     let start = query
         .cursor
@@ -256,19 +268,6 @@ fn matches_filters(record: &SandboxRecord, query: &ListQuery) -> bool {
         .as_deref()
         .is_none_or(|s| s == record.status.as_str());
     name_ok && status_ok
-}
-
-/// One page of `items` in both list envelopes (spec §2.1.5).
-fn page(items: Vec<Value>, start: usize, size: usize, legacy_key: &str) -> Value {
-    let total = items.len();
-    let page: Vec<Value> = items.into_iter().skip(start).take(size).collect();
-    let next = start.saturating_add(page.len());
-    let (next_cursor, offset) = if next < total {
-        (Value::String(next.to_string()), next)
-    } else {
-        (Value::Null, 0)
-    };
-    json!({ "items": page, legacy_key: page, "next_cursor": next_cursor, "offset": offset })
 }
 
 /// `PATCH {base}/boxes/{name}` (spec §2.2.4).
@@ -356,87 +355,6 @@ pub async fn stop(
     let record = find(&app, &workspace, &name)?;
     app.sandboxes.stop(&record.id).await;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// The default snapshot as a Snapshot object (spec §2.1.3).
-fn snapshot_json(app: &App) -> Value {
-    let snapshot = &app.sandboxes.snapshot;
-    let built = iso8601(snapshot.built_at.saturating_mul(1000));
-    json!({
-        "id": app.sandboxes.snapshot_id,
-        "name": app.snapshot_name(),
-        "status": "ready",
-        "status_message": null,
-        "fs_capacity_bytes": snapshot.size_bytes,
-        "fs_used_bytes": snapshot.size_bytes,
-        "image_digest": snapshot.id,
-        "created_at": built,
-        "updated_at": built,
-        "tags": [app.snapshot_tag()],
-        "run_config": snapshot.run_config,
-    })
-}
-
-/// `GET {base}/snapshots/{ref}` (spec §2.3.2).
-pub async fn get_snapshot(State(app): State<Arc<App>>, Path(reference): Path<String>) -> ApiResult {
-    app.find_snapshot(&reference)
-        .map(|()| Json(snapshot_json(&app)).into_response())
-        .ok_or_else(|| ApiError::NotFound(format!("Snapshot '{reference}' not found")))
-}
-
-#[derive(Deserialize)]
-pub struct SnapshotQuery {
-    name_contains: Option<String>,
-    limit: Option<usize>,
-    page_size: Option<usize>,
-    offset: Option<usize>,
-    cursor: Option<String>,
-}
-
-/// `GET {base}/snapshots` (spec §2.3.3).
-pub async fn list_snapshots(
-    State(app): State<Arc<App>>,
-    Query(query): Query<SnapshotQuery>,
-) -> ApiResult {
-    let matches = query
-        .name_contains
-        .as_deref()
-        .is_none_or(|s| app.snapshot_name().contains(&s.to_lowercase()));
-    let items = if matches {
-        vec![snapshot_json(&app)]
-    } else {
-        vec![]
-    };
-    let start = query
-        .cursor
-        .as_deref()
-        .and_then(|c| c.parse().ok())
-        .or(query.offset)
-        .unwrap_or(0);
-    let size = query.page_size.or(query.limit).unwrap_or(50).clamp(1, 500);
-    Ok(Json(page(items, start, size, "snapshots")).into_response())
-}
-
-/// `DELETE {base}/snapshots/{ref}`: the only snapshot is a system one, which is read-only.
-pub async fn delete_snapshot(
-    State(app): State<Arc<App>>,
-    Path(reference): Path<String>,
-) -> ApiResult {
-    match app.find_snapshot(&reference) {
-        Some(()) => Err(ApiError::Forbidden(
-            "the system/ namespace is read-only".into(),
-        )),
-        None => Err(ApiError::NotFound(format!(
-            "Snapshot '{reference}' not found"
-        ))),
-    }
-}
-
-/// `POST {base}/snapshots`: building from Docker images is not implemented yet.
-pub async fn create_snapshot() -> ApiResult {
-    Err(ApiError::NotImplemented(
-        "building snapshots from Docker images is not supported yet".into(),
-    ))
 }
 
 /// Any other path under the API: the JSON 404.

@@ -86,22 +86,23 @@ async fn route(
     if is_control_path(&target) {
         return Err(ApiError::NotFound("not found".into()));
     }
-    let client = ready_agent(app, workspace, &id).await?;
+    let client = ready_agent(app, Some(workspace), &id).await?;
     Ok((id, target, client))
 }
 
 /// The agent of the workspace's sandbox `id`, booting it first when it is not running
-/// (spec §3.1: clients never check the status before using the data plane).
-async fn ready_agent(
-    app: &Arc<App>,
-    workspace: &Workspace,
+/// (spec §3.1: clients never check the status before using the data plane). `None` for the
+/// workspace: any sandbox, for callers that authorized the request otherwise (`port_forward`).
+pub(crate) async fn ready_agent(
+    app: &App,
+    workspace: Option<&Workspace>,
     id: &str,
 ) -> Result<AgentClient, ApiError> {
     let find = || -> Result<_, ApiError> {
         app.sandboxes
             .store
             .get_by_id(id)?
-            .filter(|r| r.workspace == workspace.0)
+            .filter(|r| workspace.is_none_or(|w| r.workspace == w.0))
             .ok_or_else(|| ApiError::NotFound(format!("Sandbox '{id}' not found")))
     };
     let record = find()?;

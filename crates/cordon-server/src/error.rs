@@ -57,6 +57,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotImplemented(String),
     #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
     AgentUnreachable(String),
     #[error("{0}")]
     Internal(String),
@@ -77,6 +79,7 @@ impl ApiError {
             // Table B: a 422 whose detail is an object becomes ResourceCreationError.
             ApiError::CreationFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "CrashLoop"),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             ApiError::AgentUnreachable(_) => (StatusCode::BAD_GATEWAY, "ConnectionError"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
@@ -110,6 +113,9 @@ impl From<crate::store::StoreError> for ApiError {
         match error {
             crate::store::StoreError::NameTaken(name) => {
                 ApiError::Conflict(format!("a sandbox named '{name}' already exists"))
+            }
+            crate::store::StoreError::RegistryNameTaken(name) => {
+                ApiError::Conflict(format!("a registry named '{name}' already exists"))
             }
             other => ApiError::Internal(other.to_string()),
         }

@@ -4,12 +4,21 @@
 
 mod control;
 mod dataplane;
+mod download_links;
 mod error;
 mod lifecycle;
 mod model;
+mod paging;
+mod port_forward;
+mod registries;
 mod sandboxes;
+mod secret_sealing;
+mod service_urls;
+mod signing_keys;
+mod snapshots;
 mod splice;
 mod store;
+mod tunnel;
 mod validate;
 
 use std::collections::HashMap;
@@ -22,16 +31,20 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use cordon_image::PreparedSnapshot;
+use cordon_image::{LayerStore, PreparedSnapshot};
 use cordon_runtime::Runtime;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use cordon_image::RegistryConfig;
 pub use error::ApiError;
+pub use secret_sealing::SealingError;
+pub use service_urls::ServiceLinksConfig;
+pub use snapshots::SnapshotLimits;
 pub use store::StoreError;
 
 /// Errors that keep the server from starting or serving.
@@ -43,6 +56,21 @@ pub enum ServerError {
     PublicUrl(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Sealing(#[from] SealingError),
+    #[error("layer store: {0}")]
+    Layers(#[from] cordon_image::ImageError),
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    SigningKeys(#[from] signing_keys::KeyError),
+    #[error(transparent)]
+    DownloadLinks(#[from] download_links::SecretError),
+    #[error("invalid --service-domain {0:?}: expected host[:port]")]
+    ServiceDomain(String),
     #[error("reconciling with the runtime: {0}")]
     Reconcile(ApiError),
     #[error("listening on {addr}: {source}")]
@@ -68,6 +96,12 @@ pub struct ServerConfig {
     pub lifecycle_tick: Duration,
     /// Most sandboxes one workspace may hold (any status); creates beyond it get 429.
     pub max_sandboxes_per_workspace: usize,
+    /// How registries are reached (`--insecure-registry`, `--registry-ca`).
+    pub registry: RegistryConfig,
+    /// Bounds on snapshot builds and imports.
+    pub snapshot_limits: SnapshotLimits,
+    /// Service URLs and signing keys (`--service-domain`, `--signing-key-rotation`).
+    pub service_links: ServiceLinksConfig,
 }
 
 /// A workspace: one per API key, named by a hash of the key so the key is never stored.
@@ -76,12 +110,19 @@ pub struct Workspace(pub String);
 
 /// Shared state of every handler.
 pub struct App {
+    store: Arc<store::Store>,
     sandboxes: Arc<sandboxes::Sandboxes>,
+    snapshots: Arc<snapshots::Snapshots>,
     /// SHA-256 of each key → its workspace.
     workspaces: HashMap<[u8; 32], Workspace>,
     public_url: Option<String>,
     max_sandboxes_per_workspace: usize,
     shutdown: Shutdown,
+    /// Signs service-URL tokens; published at `/.well-known/jwks.json`.
+    signing_keys: signing_keys::SigningKeys,
+    download_secret: download_links::LinkSecret,
+    /// `--service-domain`, validated and lower-cased.
+    service_domain: Option<String>,
 }
 
 /// What a graceful shutdown has to reach: the spliced WebSockets, which outlive their HTTP
@@ -104,31 +145,6 @@ impl App {
             .filter(|h| valid_host(h))
             .unwrap_or("localhost");
         format!("http://{host}")
-    }
-
-    fn snapshot_name(&self) -> &str {
-        self.sandboxes
-            .snapshot
-            .name
-            .split_once(':')
-            .map_or(self.sandboxes.snapshot.name.as_str(), |(name, _)| name)
-    }
-
-    fn snapshot_tag(&self) -> &str {
-        self.sandboxes
-            .snapshot
-            .name
-            .split_once(':')
-            .map_or("latest", |(_, tag)| tag)
-    }
-
-    /// Resolves a snapshot reference: UUID, digest, `name` or `name:tag` (spec §2.3.2).
-    fn find_snapshot(&self, reference: &str) -> Option<()> {
-        let (name, tag) = reference.split_once(':').unwrap_or((reference, "latest"));
-        let by_name = name == self.snapshot_name() && tag == self.snapshot_tag();
-        let by_id = reference.eq_ignore_ascii_case(&self.sandboxes.snapshot_id)
-            || reference == self.sandboxes.snapshot.id;
-        (by_name || by_id).then_some(())
     }
 }
 
@@ -171,6 +187,32 @@ async fn authenticate(State(app): State<Arc<App>>, mut request: Request, next: N
     }
 }
 
+/// Control-plane bodies read whole before routing; larger ones (an archive import) stream.
+const READ_FIRST_MAX_BYTES: u64 = 1 << 20;
+
+/// Reads a small request body to its end before the handler runs. A handler that answers
+/// without reading the body (stop and start ignore their `{}`) would otherwise leave bytes
+/// unread when the client sends the body in a second write, and hyper then closes the
+/// keep-alive connection after the response: a pooled client's next request on it fails with
+/// "Server disconnected without sending a response".
+async fn read_small_body_first(request: Request, next: Next) -> Response {
+    let small = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length <= READ_FIRST_MAX_BYTES);
+    if !small {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, READ_FIRST_MAX_BYTES as usize).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Err(error) => {
+            ApiError::Invalid(format!("reading the request body: {error}")).into_response()
+        }
+    }
+}
+
 /// The control-plane routes, mounted under every base prefix (spec §1.1).
 fn api_routes() -> Router<Arc<App>> {
     Router::new()
@@ -184,14 +226,33 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/boxes/{name}/status", get(control::status))
         .route("/boxes/{name}/start", post(control::start))
         .route("/boxes/{name}/stop", post(control::stop))
+        .route("/boxes/{name}/snapshot", post(snapshots::routes::capture))
+        .route("/boxes/{name}/service-url", post(service_urls::mint))
+        .route("/boxes/{name}/download-url", post(download_links::mint))
         .route(
             "/snapshots",
-            get(control::list_snapshots).post(control::create_snapshot),
+            get(snapshots::routes::list).post(snapshots::routes::create),
         )
+        .route("/snapshots/import", post(snapshots::routes::import))
         .route(
             "/snapshots/{reference}",
-            get(control::get_snapshot).delete(control::delete_snapshot),
+            get(snapshots::routes::get).delete(snapshots::routes::delete),
         )
+        .route(
+            "/snapshots-by-name/{name}",
+            get(snapshots::routes::tags_by_name),
+        )
+        .route(
+            "/registries",
+            get(registries::list).post(registries::create),
+        )
+        .route(
+            "/registries/{name}",
+            get(registries::get)
+                .patch(registries::update)
+                .delete(registries::delete),
+        )
+        .layer(axum::middleware::from_fn(read_small_body_first))
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -201,11 +262,20 @@ fn router(app: Arc<App>) -> Router {
         .nest("/api/v2/sandboxes", api.clone())
         .nest("/v2/sandboxes", api.clone())
         .nest("/api/v1/v2/sandboxes", api)
+        .route("/dp/{id}/tunnel", get(tunnel::open))
         .route("/dp/{id}/{*rest}", any(dataplane::forward))
         .fallback(control::fallback)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             authenticate,
+        ))
+        // Added after the API-key layer, so without it: each carries its own credential.
+        .route("/.well-known/jwks.json", get(signing_keys::jwks))
+        .route("/svc/{*rest}", any(service_urls::serve_by_path))
+        .route("/dl/{token}", any(download_links::serve))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            service_urls::route_by_host,
         ))
         .with_state(app)
 }
@@ -262,12 +332,49 @@ pub async fn serve_until(
         return Err(ServerError::NoApiKeys);
     }
     let public_url = check_public_url(config.public_url)?;
-    let store = store::Store::open(&config.data_dir.join("cordon.db"))?;
-    let sandboxes = Arc::new(sandboxes::Sandboxes::new(store, runtime, config.snapshot));
+    let links = config.service_links;
+    let service_domain = match links.service_domain {
+        Some(domain) => Some(
+            service_urls::check_service_domain(&domain)
+                .ok_or(ServerError::ServiceDomain(domain))?,
+        ),
+        None => None,
+    };
+    let signing_keys = signing_keys::SigningKeys::load_or_create(
+        &config.data_dir.join("signing-keys.json"),
+        links.key_rotation,
+    )?;
+    let download_secret =
+        download_links::LinkSecret::load_or_create(&config.data_dir.join("download-links.key"))?;
+    let store = Arc::new(store::Store::open(&config.data_dir.join("cordon.db"))?);
+    let layers = Arc::new(LayerStore::open(config.data_dir.join("layers"))?);
+    let reclaim_wanted = Arc::new(tokio::sync::Notify::new());
+    let sandboxes = Arc::new(sandboxes::Sandboxes::new(
+        store.clone(),
+        runtime,
+        config.snapshot,
+        layers.clone(),
+        reclaim_wanted.clone(),
+    ));
     sandboxes
         .reconcile()
         .await
         .map_err(ServerError::Reconcile)?;
+    let snapshots = Arc::new(snapshots::Snapshots::new(snapshots::SnapshotsConfig {
+        store: store.clone(),
+        layers,
+        sandboxes: sandboxes.clone(),
+        sealing: secret_sealing::SealingKey::load_or_create(&config.data_dir.join("secret.key"))?,
+        limits: config.snapshot_limits,
+        registry: config.registry,
+        imports_dir: private_dir(&config.data_dir.join("imports"))?,
+        reclaim_wanted,
+    }));
+    snapshots
+        .resume_builds()
+        .await
+        .map_err(ServerError::Reconcile)?;
+    let reclaimer = tokio::spawn(snapshots.clone().reclaim_unused_layers_forever());
     let workspaces = config
         .api_keys
         .iter()
@@ -280,7 +387,9 @@ pub async fn serve_until(
     let lifecycle = tokio::spawn(lifecycle::run(sandboxes.clone(), config.lifecycle_tick));
     let going_away = CancellationToken::new();
     let app = Arc::new(App {
+        store,
         sandboxes,
+        snapshots,
         workspaces,
         public_url,
         max_sandboxes_per_workspace: config.max_sandboxes_per_workspace,
@@ -288,6 +397,9 @@ pub async fn serve_until(
             going_away: going_away.clone(),
             upgrades: TaskTracker::new(),
         },
+        signing_keys,
+        download_secret,
+        service_domain,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -306,9 +418,24 @@ pub async fn serve_until(
     });
     let served = serve_http(listener, router(app.clone()), going_away).await;
     lifecycle.abort();
+    reclaimer.abort();
     close_websockets(&app.shutdown).await;
     tracing::info!("cordon serve stopped; sandboxes keep running");
     served
+}
+
+/// Creates (0700) a host-only directory under the data dir.
+fn private_dir(path: &std::path::Path) -> Result<PathBuf, ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| ServerError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(path.to_path_buf())
 }
 
 /// Serves HTTP until `going_away`, then drains requests in flight for a bounded time.

@@ -1,9 +1,11 @@
 //! The stored sandbox record and its wire form (spec §2.1).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cordon_api::RunConfig;
+use cordon_image::LayerId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -26,6 +28,26 @@ impl Status {
             Status::Failed => "failed",
         }
     }
+}
+
+/// One read-only root filesystem layer a snapshot or sandbox boots from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerRef {
+    /// A layer of the layer store (`<data>/layers`), pulled or captured.
+    Stored(LayerId),
+    /// A layer outside it: the default snapshot's directory in the cache.
+    Prepared(PathBuf),
+}
+
+/// What a sandbox boots from, copied from its snapshot when it is created, so that deleting
+/// the snapshot never breaks the sandbox (its layers count as in use while it exists).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxBase {
+    /// Top first, like `SandboxSpec.layers`.
+    pub layers: Vec<LayerRef>,
+    /// The snapshot's run_config: the lowest layer of the sandbox's effective one.
+    pub run_config: RunConfig,
 }
 
 /// One sandbox as the store keeps it.
@@ -53,6 +75,9 @@ pub struct SandboxRecord {
     pub created_at: u64,
     pub updated_at: u64,
     pub stopped_at: Option<u64>,
+    /// `None` in records written before snapshots existed: the default snapshot as prepared.
+    #[serde(default)]
+    pub base: Option<SandboxBase>,
 }
 
 impl SandboxRecord {

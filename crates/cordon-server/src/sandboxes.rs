@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cordon_api::agent::AgentConfig;
+use cordon_api::RunConfig;
 use cordon_channel::AgentClient;
-use cordon_image::PreparedSnapshot;
+use cordon_image::{LayerStore, PreparedSnapshot};
 use cordon_runtime::{Limits, Runtime, RuntimeError, SandboxSpec, SandboxState};
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
-use crate::model::{now_ms, SandboxRecord, Status};
+use crate::model::{now_ms, LayerRef, SandboxBase, SandboxRecord, Status};
 use crate::store::Store;
 
 /// How long a data-plane request waits for a sandbox to become ready.
@@ -28,8 +29,12 @@ struct Activity {
 }
 
 pub struct Sandboxes {
-    pub store: Store,
+    pub store: Arc<Store>,
     runtime: Arc<dyn Runtime>,
+    /// Where the layers of every snapshot but the default one live.
+    layers: Arc<LayerStore>,
+    /// Told when a sandbox is gone, so layers only it used are reclaimed.
+    reclaim_wanted: Arc<Notify>,
     pub snapshot: PreparedSnapshot,
     /// The default snapshot's UUID (spec ids are UUIDs; the layer's identity is a digest).
     pub snapshot_id: String,
@@ -45,11 +50,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sandboxes {
-    pub fn new(store: Store, runtime: Arc<dyn Runtime>, snapshot: PreparedSnapshot) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        runtime: Arc<dyn Runtime>,
+        snapshot: PreparedSnapshot,
+        layers: Arc<LayerStore>,
+        reclaim_wanted: Arc<Notify>,
+    ) -> Self {
         let snapshot_id = snapshot_uuid(&snapshot.id);
         Sandboxes {
             store,
             runtime,
+            layers,
+            reclaim_wanted,
             snapshot,
             snapshot_id,
             clients: Mutex::default(),
@@ -205,10 +218,39 @@ impl Sandboxes {
             .map_err(internal)
     }
 
+    /// What a sandbox on the default snapshot boots from.
+    pub fn default_base(&self) -> SandboxBase {
+        SandboxBase {
+            layers: vec![LayerRef::Prepared(self.snapshot.path.clone())],
+            run_config: self.snapshot.run_config.clone(),
+        }
+    }
+
+    /// The snapshot run_config below the sandbox's own.
+    pub fn base_run_config<'a>(&'a self, record: &'a SandboxRecord) -> &'a RunConfig {
+        record
+            .base
+            .as_ref()
+            .map_or(&self.snapshot.run_config, |base| &base.run_config)
+    }
+
+    fn layer_paths(&self, record: &SandboxRecord) -> Vec<std::path::PathBuf> {
+        let Some(base) = &record.base else {
+            return vec![self.snapshot.path.clone()];
+        };
+        base.layers
+            .iter()
+            .map(|layer| match layer {
+                LayerRef::Stored(id) => self.layers.layer_path(id),
+                LayerRef::Prepared(path) => path.clone(),
+            })
+            .collect()
+    }
+
     fn spec_for(&self, record: &SandboxRecord) -> SandboxSpec {
         SandboxSpec {
             id: record.id.clone(),
-            layers: vec![self.snapshot.path.clone()],
+            layers: self.layer_paths(record),
             limits: Limits {
                 cpu_millicores: record.cpu_millicores,
                 memory_bytes: record.mem_bytes,
@@ -223,7 +265,7 @@ impl Sandboxes {
 
     fn agent_config(&self, record: &SandboxRecord) -> AgentConfig {
         AgentConfig {
-            run_config: record.run_config.over(&self.snapshot.run_config),
+            run_config: record.run_config.over(self.base_run_config(record)),
             ..AgentConfig::default()
         }
     }
@@ -301,8 +343,20 @@ impl Sandboxes {
                 Err(error) => tracing::warn!(sandbox = %owned, %error, "destroying sandbox"),
             }
             lock(&this.locks).remove(&owned);
+            this.reclaim_wanted.notify_one();
         });
         Ok(())
+    }
+
+    /// Copies the sandbox's writable layer into `dest` (see `Runtime::capture`), serialised
+    /// with its other lifecycle operations.
+    pub async fn capture(&self, id: &str, dest: &std::path::Path) -> Result<u64, ApiError> {
+        let op = self.op_lock(id);
+        let _guard = op.lock().await;
+        self.runtime
+            .capture(id, dest)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     /// Waits until the sandbox leaves `provisioning` or `timeout` passes; the latest record.

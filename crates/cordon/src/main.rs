@@ -1,5 +1,7 @@
 //! The `cordon` command line.
 
+mod snapshot_import;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -28,6 +30,16 @@ enum Command {
     Prepare(PrepareArgs),
     /// Serve the LangSmith Sandbox API (control plane and data plane).
     Serve(ServeArgs),
+    /// Work with the snapshots of a running server.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Build a snapshot from an OCI image layout (tar) or `docker save` archive, without a
+    /// registry: uploads it, waits for the build and prints the snapshot's id.
+    Import(snapshot_import::ImportArgs),
 }
 
 #[derive(Args)]
@@ -50,12 +62,36 @@ struct ServeArgs {
     /// Most sandboxes one workspace (API key) may hold.
     #[arg(long, default_value_t = 100)]
     max_sandboxes_per_workspace: usize,
-    /// The static agent binary (default: next to this executable, then the build output).
+    /// The static agent binary (default: the static build output, then next to this executable).
     #[arg(long, env = "CORDON_AGENT_BIN")]
     agent_bin: Option<PathBuf>,
     /// The cordon-nsinit launcher (default: next to this executable).
     #[arg(long, env = "CORDON_NSINIT_BIN")]
     nsinit_bin: Option<PathBuf>,
+    /// A registry (HOST:PORT) spoken to over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// A PEM file of CA certificates trusted for registries besides the system's. Repeatable.
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_cas: Vec<PathBuf>,
+    /// Most bytes one image may unpack to (and download); each build is also bounded by its
+    /// fs_capacity_bytes.
+    #[arg(long, default_value_t = 20 << 30)]
+    max_image_bytes: u64,
+    /// Largest archive `cordon snapshot import` (POST /snapshots/import) may upload.
+    #[arg(long, default_value_t = 20 << 30)]
+    max_import_bytes: u64,
+    /// Snapshot builds running at once; more wait their turn.
+    #[arg(long, default_value_t = 2)]
+    max_concurrent_builds: usize,
+    /// Serve service URLs host-based at `{port}--{sandbox id}.DOMAIN` (`host[:port]`, with a
+    /// wildcard DNS record and certificate in front); path-based under `/svc/` when absent.
+    #[arg(long, env = "CORDON_SERVICE_DOMAIN")]
+    service_domain: Option<String>,
+    /// Age in seconds at which a new key takes over signing service-URL tokens; old public
+    /// keys stay in the JWKS until their tokens have expired.
+    #[arg(long, default_value_t = 86_400)]
+    signing_key_rotation: u64,
 }
 
 #[derive(Args)]
@@ -87,7 +123,7 @@ struct ExecArgs {
     /// Shell the command runs under (`shell -c command`).
     #[arg(long, default_value = "/bin/sh")]
     shell: String,
-    /// The static agent binary (default: next to this executable, then the build output).
+    /// The static agent binary (default: the static build output, then next to this executable).
     #[arg(long, env = "CORDON_AGENT_BIN")]
     agent_bin: Option<PathBuf>,
     /// The cordon-nsinit launcher (default: next to this executable).
@@ -120,6 +156,7 @@ async fn main() -> Result<()> {
         }
         Command::Prepare(args) => prepare(args),
         Command::Serve(args) => serve(args).await,
+        Command::Snapshot(SnapshotCommand::Import(args)) => snapshot_import::import(args).await,
     }
 }
 
@@ -137,6 +174,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if api_keys.is_empty() {
         bail!("no API key configured: pass --api-key KEY or set CORDON_API_KEYS");
     }
+    if args.max_concurrent_builds == 0 {
+        bail!("--max-concurrent-builds must be at least 1");
+    }
+    if args.signing_key_rotation == 0 {
+        bail!("--signing-key-rotation must be at least 1 second");
+    }
+    let registry = registry_config(args.insecure_registries, &args.registry_cas)?;
     let cache_dir = args.cache_dir;
     let snapshot = tokio::task::spawn_blocking(move || {
         cordon_image::default_snapshot::prepare(&cache_dir, &mut |line| tracing::info!("{line}"))
@@ -161,9 +205,51 @@ async fn serve(args: ServeArgs) -> Result<()> {
         snapshot,
         lifecycle_tick: std::time::Duration::from_secs(5),
         max_sandboxes_per_workspace: args.max_sandboxes_per_workspace,
+        registry,
+        snapshot_limits: cordon_server::SnapshotLimits {
+            max_image_bytes: args.max_image_bytes,
+            max_import_bytes: args.max_import_bytes,
+            max_concurrent_builds: args.max_concurrent_builds,
+            ..Default::default()
+        },
+        service_links: cordon_server::ServiceLinksConfig {
+            service_domain: args.service_domain,
+            key_rotation: std::time::Duration::from_secs(args.signing_key_rotation),
+        },
     };
     cordon_server::serve(config, std::sync::Arc::new(runtime)).await?;
     Ok(())
+}
+
+/// `--insecure-registry` and `--registry-ca`, checked: each CA file must hold a PEM
+/// certificate.
+fn registry_config(
+    insecure_registries: Vec<String>,
+    ca_files: &[PathBuf],
+) -> Result<cordon_server::RegistryConfig> {
+    for registry in &insecure_registries {
+        let valid = !registry.is_empty()
+            && !registry.contains('/')
+            && registry.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        if !valid {
+            bail!("--insecure-registry {registry:?}: expected HOST:PORT");
+        }
+    }
+    let mut extra_root_pems = Vec::new();
+    for file in ca_files {
+        let pem =
+            std::fs::read(file).with_context(|| format!("--registry-ca {}", file.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            bail!("--registry-ca {}: no PEM certificate in it", file.display());
+        }
+        extra_root_pems.push(pem);
+    }
+    Ok(cordon_server::RegistryConfig {
+        insecure_registries,
+        extra_root_pems,
+    })
 }
 
 /// Prepares the default snapshot, printing progress to stderr and a summary to stdout.
@@ -262,22 +348,18 @@ fn beside_this_executable(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The agent next to this executable (an installed layout), else the static build output
-/// `target/x86_64-unknown-linux-gnu/release/cordon-agent` seen from `target/release/cordon`.
+/// The static agent build output `target/x86_64-unknown-linux-gnu/release/cordon-agent` seen
+/// from `target/{debug,release}/cordon` (a development tree, where `target/debug/cordon-agent`
+/// beside us is a dynamically linked build that cannot run on images without its loader),
+/// else the agent next to this executable (an installed layout).
 fn default_agent_binary() -> Result<PathBuf> {
-    beside_this_executable("cordon-agent").or_else(|_| {
-        let exe = std::env::current_exe()?;
-        let target = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .context("target directory")?;
-        let path = target.join("x86_64-unknown-linux-gnu/release/cordon-agent");
-        if !path.is_file() {
-            bail!(
-                "static agent not found at {}: run `make agent`",
-                path.display()
-            );
-        }
-        Ok(path)
-    })
+    let exe = std::env::current_exe()?;
+    let static_build = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/cordon-agent"));
+    if let Some(path) = static_build.filter(|p| p.is_file()) {
+        return Ok(path);
+    }
+    beside_this_executable("cordon-agent").context("static agent not found: run `make agent`")
 }

@@ -4,10 +4,18 @@ One `cordon serve` per test session: a free loopback port, a temporary data dir,
 keys (two workspaces: `--api-key` is repeatable). The official `langsmith` client finds it the way
 a user's would, through `LANGSMITH_ENDPOINT=http://127.0.0.1:PORT/api` and `LANGSMITH_API_KEY`.
 
+When a collected test uses the `registries` fixture, two real OCI registries are started first
+(`cordon-testkit`'s `test-registries` example: Debian's docker-registry on loopback, one open over
+plain HTTP, one behind TLS from a test CA with htpasswd auth, test images pushed to both) and the
+server gets `--insecure-registry <open>` and `--registry-ca <ca.pem>`.
+
 Environment:
   CORDON_BIN            the binary (default: target/debug/cordon, then target/release/cordon)
   CORDON_START_TIMEOUT  seconds to wait for GET /healthz (default 180)
   CORDON_KEEP_DATA=1    keep the data dir (its path is printed) instead of removing it
+  CORDON_TEST_REGISTRIES_BIN  the registry helper (default: target/debug/examples/test-registries,
+                        built with cargo when missing)
+  CORDON_REGISTRIES_TIMEOUT   seconds to wait for the helper's JSON line (default 180)
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
@@ -65,8 +74,9 @@ def free_port() -> int:
 class CordonServer:
     """A running `cordon serve` and what a test needs to reach it."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
         self.binary = cordon_bin()
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.restarts = 0
         self.url = f"http://127.0.0.1:{self.port}"
@@ -86,6 +96,7 @@ class CordonServer:
             "--data-dir", str(self.data_dir),
             "--api-key", self.api_key,
             "--api-key", self.other_api_key,
+            *self.extra_args,
         ]
 
     def start(self, timeout: float) -> None:
@@ -169,6 +180,128 @@ class CordonServer:
         return self.proc.returncode
 
 
+def registries_helper_bin() -> Path:
+    """The registry helper; built with cargo (as `make clients-test` builds cordon) when missing."""
+    explicit = os.environ.get("CORDON_TEST_REGISTRIES_BIN")
+    if explicit:
+        path = Path(explicit)
+        return path if path.is_absolute() else REPO / path
+    for candidate in (REPO / "target/debug/examples/test-registries", REPO / "target/release/examples/test-registries"):
+        if candidate.exists():
+            return candidate
+    build = subprocess.run(
+        ["cargo", "build", "-q", "-p", "cordon-testkit", "--example", "test-registries"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    built = REPO / "target/debug/examples/test-registries"
+    if build.returncode != 0 or not built.exists():
+        raise RuntimeError(f"could not build the test-registries example ({build.returncode}):\n{build.stderr[-4000:]}")
+    return built
+
+
+class Registries:
+    """The running `test-registries` helper: two real registries on loopback with test images.
+
+    It prints one JSON line (`open`, `auth` as HOST:PORT, `ca_pem`, `username`, `password`,
+    `images`: key -> reference) and runs until its stdin reaches EOF, so it also stops when this
+    process dies.
+    """
+
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+        fd, log = tempfile.mkstemp(prefix="cordon-test-registries-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log)
+        self.info: dict[str, Any] = {}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                cwd=REPO, start_new_session=True,
+            )
+        lines: list[bytes] = []
+        got_line = threading.Event()
+
+        def read_stdout() -> None:
+            # The first line is the JSON; anything after it goes to the log so the pipe never fills.
+            assert self.proc is not None and self.proc.stdout is not None
+            first = self.proc.stdout.readline()
+            lines.append(first)
+            got_line.set()
+            with open(self.log_path, "ab") as log:
+                for rest in self.proc.stdout:
+                    log.write(rest)
+
+        threading.Thread(target=read_stdout, name="test-registries-stdout", daemon=True).start()
+        if not got_line.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"test-registries printed nothing within {timeout:.0f}s\n{self.log_tail()}")
+        try:
+            info = json.loads(lines[0])
+            missing = [k for k in ("open", "auth", "ca_pem", "username", "password", "images") if k not in info]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+        except ValueError as e:
+            self.stop()
+            raise RuntimeError(
+                f"test-registries did not print its JSON line ({e}): {lines[0][:2000]!r}\n{self.log_tail()}"
+            ) from None
+        self.info = info
+
+    @property
+    def open(self) -> str:
+        """HOST:PORT of the plain-HTTP registry without auth (passed as --insecure-registry)."""
+        return self.info["open"]
+
+    @property
+    def auth(self) -> str:
+        """HOST:PORT of the TLS registry with htpasswd auth (its CA passed as --registry-ca)."""
+        return self.info["auth"]
+
+    @property
+    def username(self) -> str:
+        return self.info["username"]
+
+    @property
+    def password(self) -> str:
+        return self.info["password"]
+
+    def image(self, key: str) -> str:
+        images = self.info["images"]
+        if key not in images:
+            pytest.fail(f"test-registries pushed no image {key!r} (it has {sorted(images)})")
+        return images[key]
+
+    def serve_args(self) -> list[str]:
+        return ["--insecure-registry", self.open, "--registry-ca", self.info["ca_pem"]]
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            return f"(no test-registries log: {e})"
+        tail = text.splitlines()[-lines:]
+        return f"--- test-registries log ({self.log_path}, last {len(tail)} lines) ---\n" + "\n".join(tail)
+
+    def stop(self) -> Optional[int]:
+        """Closes its stdin (its signal to stop), then SIGKILLs its process group after 30 s."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        return self.proc.returncode
+
+
 _server: Optional[CordonServer] = None
 _teardown_notes: list[str] = []
 
@@ -193,9 +326,49 @@ def _cleanup_sandboxes(server: CordonServer) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def cordon() -> Iterator[CordonServer]:
+def _registries_or_error(request) -> Iterator[Optional[Registries | str]]:
+    """The registry helper when some collected test needs it (else None); its start-up error as
+    a string when it could not start, so only the tests that need it fail."""
+    if not any("registries" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    try:
+        registries = Registries(registries_helper_bin())
+    except RuntimeError as e:
+        yield str(e)
+        return
+    try:
+        registries.start(float(os.environ.get("CORDON_REGISTRIES_TIMEOUT", "180")))
+    except (RuntimeError, OSError) as e:
+        registries.stop()
+        yield f"could not start test-registries: {e}"
+        return
+    yield registries
+    code = registries.stop()
+    if code != 0:
+        _teardown_notes.append(f"test-registries exited with {code}\n{registries.log_tail()}")
+    if os.environ.get("CORDON_KEEP_DATA") == "1":
+        _teardown_notes.append(f"kept test-registries log {registries.log_path}")
+    else:
+        registries.log_path.unlink(missing_ok=True)
+
+
+def _registry_serve_args(registries: Optional[Registries | str]) -> list[str]:
+    return registries.serve_args() if isinstance(registries, Registries) else []
+
+
+@pytest.fixture(scope="session")
+def registries(_registries_or_error) -> Registries:
+    """The two test registries (started before the server, which trusts them)."""
+    if not isinstance(_registries_or_error, Registries):
+        pytest.fail(_registries_or_error or "test-registries was not started")
+    return _registries_or_error
+
+
+@pytest.fixture(scope="session")
+def cordon(_registries_or_error) -> Iterator[CordonServer]:
     global _server
-    server = CordonServer()
+    server = CordonServer(_registry_serve_args(_registries_or_error))
     timeout = float(os.environ.get("CORDON_START_TIMEOUT", "180"))
     try:
         server.start(timeout)
@@ -270,8 +443,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @pytest.fixture
 def own_server(request, cordon: CordonServer) -> Iterator[CordonServer]:
-    """A second `cordon serve` of the test's own, for tests that stop or restart the server."""
-    server = CordonServer()
+    """A second `cordon serve` of the test's own, for tests that stop or restart the server
+    (with the same registry flags as the session's)."""
+    server = CordonServer(cordon.extra_args)
     request.node._cordon_own_server = server
     try:
         server.start(float(os.environ.get("CORDON_START_TIMEOUT", "180")))

@@ -22,6 +22,12 @@ pub const OTHER_KEY: &str = "test-key-two";
 
 const DIR_ENV: &str = "CORDON_TEST_SERVE_DIR";
 const ADDR_ENV: &str = "CORDON_TEST_SERVE_ADDR";
+/// Passed to the server process: one `--insecure-registry` and one `--registry-ca`.
+pub const INSECURE_ENV: &str = "CORDON_TEST_SERVE_INSECURE_REGISTRY";
+pub const CA_ENV: &str = "CORDON_TEST_SERVE_REGISTRY_CA";
+/// Passed to the server process: `--service-domain` and `--signing-key-rotation` (seconds).
+pub const SERVICE_DOMAIN_ENV: &str = "CORDON_TEST_SERVE_SERVICE_DOMAIN";
+pub const KEY_ROTATION_ENV: &str = "CORDON_TEST_SERVE_KEY_ROTATION";
 
 /// Body of the `serve_child` test: serves when started by [`Server::start`], else returns.
 pub fn serve_child_main() {
@@ -47,6 +53,25 @@ pub fn serve_child_main() {
             snapshot,
             lifecycle_tick: Duration::from_secs(1),
             max_sandboxes_per_workspace: 4,
+            registry: cordon_server::RegistryConfig {
+                insecure_registries: std::env::var(INSECURE_ENV)
+                    .map(|r| vec![r])
+                    .unwrap_or_default(),
+                extra_root_pems: std::env::var(CA_ENV)
+                    .map(|path| vec![std::fs::read(path).expect("registry CA")])
+                    .unwrap_or_default(),
+            },
+            snapshot_limits: cordon_server::SnapshotLimits::default(),
+            service_links: cordon_server::ServiceLinksConfig {
+                service_domain: std::env::var(SERVICE_DOMAIN_ENV).ok(),
+                key_rotation: std::env::var(KEY_ROTATION_ENV)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map_or(
+                        cordon_server::ServiceLinksConfig::default().key_rotation,
+                        Duration::from_secs,
+                    ),
+            },
         };
         cordon_server::serve(config, Arc::new(runtime))
             .await
@@ -71,10 +96,25 @@ impl Server {
     }
 
     pub async fn start_on(data_dir: &Path, port: u16) -> Server {
+        Server::start_with(data_dir, port, &[]).await
+    }
+
+    /// A free port for [`Server::start_with`].
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    /// As [`Server::start_on`], with extra environment for the server process (e.g.
+    /// [`INSECURE_ENV`], [`CA_ENV`]).
+    pub async fn start_with(data_dir: &Path, port: u16, env: &[(&str, String)]) -> Server {
         let child = Command::new(std::env::current_exe().expect("test exe"))
             .args(["--exact", "serve_child", "--ignored", "--nocapture"])
             .env(DIR_ENV, data_dir)
             .env(ADDR_ENV, format!("127.0.0.1:{port}"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

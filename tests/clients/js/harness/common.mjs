@@ -46,6 +46,23 @@ export async function makeSandbox(options = {}, c = client()) {
   return sb;
 }
 
+/** Creates a ready sandbox from a snapshot (by id: the one form every pinned client sends). */
+export async function makeSandboxFrom(snapshotId, options = {}, c = client()) {
+  const name = options.name ?? uniqueName();
+  const sb = await c.createSandbox(snapshotId, { timeout: 120, ...options, name });
+  created.push([c, sb.name]);
+  return sb;
+}
+
+/** The test registries run.mjs started (their JSON line: `open`, `auth`, `ca_pem`, `username`,
+ * `password`, `images`); throws why they are missing. */
+export function registries() {
+  if (!process.env.CORDON_REGISTRIES) {
+    throw new Error(process.env.CORDON_REGISTRIES_ERROR ?? "test-registries not started (run the tests through harness/run.mjs)");
+  }
+  return JSON.parse(process.env.CORDON_REGISTRIES);
+}
+
 /** Records every fetch() the client makes (the JS client's HTTP goes through global fetch). */
 export function recordFetches() {
   const calls = [];

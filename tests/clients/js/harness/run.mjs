@@ -14,13 +14,19 @@
 // SIGKILL after 15 s) and removes its data dir; on failure (or CORDON_SHOW_LOG=1) it prints the
 // server log tail.
 //
+// Before the server it starts the test registries (harness/server.mjs `Registries`) and gives the
+// server `--insecure-registry` / `--registry-ca` for them; the tests get their JSON line as
+// CORDON_REGISTRIES (or, when they could not start, the reason as CORDON_REGISTRIES_ERROR, so only
+// the tests that need them fail).
+//
 // Environment: CORDON_BIN, CORDON_START_TIMEOUT (s, default 180), CORDON_KEEP_DATA=1,
-// CORDON_SHOW_LOG=1, CORDON_JS_CONCURRENCY (test files run at once, default 2).
+// CORDON_SHOW_LOG=1, CORDON_JS_CONCURRENCY (test files run at once, default 2),
+// CORDON_TEST_REGISTRIES_BIN, CORDON_REGISTRIES_TIMEOUT (s, default 180).
 import { spawn } from "node:child_process";
 import { readdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { CordonServer, cleanEnv } from "./server.mjs";
+import { CordonServer, Registries, cleanEnv, registryServeArgs } from "./server.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const JS_DIR = resolve(HERE, "..");
@@ -32,13 +38,34 @@ if (!envArg) {
 }
 const envDir = resolve(envArg);
 
+let registries = null;
+let registriesError = null;
+try {
+  registries = new Registries();
+  await registries.start();
+} catch (e) {
+  registriesError = `could not start test-registries: ${e.message}`;
+  console.error(registriesError);
+  registries?.cleanup();
+  registries = null;
+}
+
+async function stopRegistries() {
+  if (!registries) return;
+  const code = await registries.stop();
+  if (code !== 0) console.log(`test-registries exited with ${code}\n${registries.logTail()}`);
+  const note = registries.cleanup();
+  if (note) console.log(note);
+}
+
 let server;
 try {
-  server = new CordonServer();
+  server = new CordonServer({ extraArgs: registryServeArgs(registries?.info) });
   await server.start();
 } catch (e) {
   console.error(`could not start cordon serve: ${e.message}`);
   server?.cleanup();
+  await stopRegistries();
   process.exit(3);
 }
 
@@ -50,6 +77,7 @@ const testEnv = {
   LANGSMITH_ENDPOINT: server.endpoint,
   LANGSMITH_API_KEY: server.apiKey,
   CORDON_OTHER_API_KEY: server.otherApiKey,
+  ...(registries ? { CORDON_REGISTRIES: JSON.stringify(registries.info) } : { CORDON_REGISTRIES_ERROR: registriesError }),
 };
 const register = join(HERE, "register.mjs");
 const concurrency = process.env.CORDON_JS_CONCURRENCY ?? "2";
@@ -101,4 +129,5 @@ if (code !== 0 && code !== "SIGTERM") {
 if (status !== 0 || process.env.CORDON_SHOW_LOG === "1") console.log(server.logTail());
 const note = server.cleanup({ keepLog: status !== 0 });
 if (note) console.log(note);
+await stopRegistries();
 process.exit(status);

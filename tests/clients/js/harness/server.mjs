@@ -1,7 +1,9 @@
-// A `cordon serve` of the suite's own (used by run.mjs, and by tests that restart a server).
-import { spawn } from "node:child_process";
+// A `cordon serve` of the suite's own (used by run.mjs, and by tests that restart a server), and
+// the test registries it is started with.
+import { spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, appendFileSync } from "node:fs";
+import { createInterface } from "node:readline";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, isAbsolute, join, resolve } from "node:path";
@@ -44,9 +46,110 @@ export function cleanEnv() {
   return env;
 }
 
-export class CordonServer {
+/** `cordon serve` flags for the test registries run.mjs started (CORDON_REGISTRIES), else none. */
+export function registryServeArgs(info = registriesFromEnv()) {
+  return info ? ["--insecure-registry", info.open, "--registry-ca", info.ca_pem] : [];
+}
+
+/** The test registries' JSON line as run.mjs passed it on (CORDON_REGISTRIES), or null. */
+export function registriesFromEnv() {
+  return process.env.CORDON_REGISTRIES ? JSON.parse(process.env.CORDON_REGISTRIES) : null;
+}
+
+/** The registry helper (cordon-testkit's `test-registries` example), built with cargo when missing. */
+export function registriesHelperBin() {
+  const explicit = process.env.CORDON_TEST_REGISTRIES_BIN;
+  if (explicit) return isAbsolute(explicit) ? explicit : join(REPO, explicit);
+  for (const c of ["target/debug/examples/test-registries", "target/release/examples/test-registries"]) {
+    if (existsSync(join(REPO, c))) return join(REPO, c);
+  }
+  const build = spawnSync("cargo", ["build", "-q", "-p", "cordon-testkit", "--example", "test-registries"], {
+    cwd: REPO, encoding: "utf8",
+  });
+  const built = join(REPO, "target/debug/examples/test-registries");
+  if (build.status !== 0 || !existsSync(built)) {
+    throw new Error(`could not build the test-registries example (${build.status ?? build.error}):\n${(build.stderr ?? "").slice(-4000)}`);
+  }
+  return built;
+}
+
+/** The running `test-registries` helper: Debian's docker-registry on loopback, one open over plain
+ * HTTP, one behind TLS from a test CA with htpasswd auth, test images pushed to both. It prints one
+ * JSON line (`open`, `auth`, `ca_pem`, `username`, `password`, `images`) and runs until its stdin
+ * reaches EOF, so it also stops when this process dies. */
+export class Registries {
   constructor() {
+    this.binary = registriesHelperBin();
+    this.logPath = join(mkdtempSync(join(tmpdir(), "cordon-test-registries-")), "log");
+    this.info = null;
+    this.proc = null;
+    this.exit = null;
+  }
+
+  async start(timeoutMs = Number(process.env.CORDON_REGISTRIES_TIMEOUT ?? "180") * 1000) {
+    const fd = openSync(this.logPath, "a");
+    const proc = spawn(this.binary, [], { cwd: REPO, stdio: ["pipe", "pipe", fd], detached: true });
+    closeSync(fd);
+    this.proc = proc;
+    this.exited = new Promise((r) => proc.once("exit", (code, signal) => { this.exit = code ?? signal; r(); }));
+    const lines = createInterface({ input: proc.stdout });
+    const first = new Promise((res) => {
+      lines.once("line", res);
+      proc.once("exit", () => res(null));
+    });
+    let timer;
+    const timeout = new Promise((res) => { timer = setTimeout(() => res(undefined), timeoutMs); });
+    const line = await Promise.race([first, timeout]);
+    clearTimeout(timer);
+    // Anything after the JSON line goes to the log, so the pipe never fills.
+    lines.on("line", (l) => appendFileSync(this.logPath, `${l}\n`));
+    if (line === undefined || line === null) {
+      await this.stop();
+      throw new Error(`test-registries ${line === null ? `exited (${this.exit})` : `printed nothing within ${timeoutMs / 1000}s`}\n${this.logTail()}`);
+    }
+    try {
+      this.info = JSON.parse(line);
+      const missing = ["open", "auth", "ca_pem", "username", "password", "images"].filter((k) => !(k in this.info));
+      if (missing.length) throw new Error(`missing keys ${missing.join(", ")}`);
+    } catch (e) {
+      await this.stop();
+      throw new Error(`test-registries did not print its JSON line (${e.message}): ${line.slice(0, 2000)}\n${this.logTail()}`);
+    }
+  }
+
+  /** Closes its stdin (its signal to stop), then SIGKILLs its process group after 30 s. */
+  async stop() {
+    if (this.proc === null || this.exit !== null) return this.exit;
+    this.proc.stdin.end();
+    const t = setTimeout(() => { try { process.kill(-this.proc.pid, "SIGKILL"); } catch { /* gone */ } }, 30_000);
+    await this.exited;
+    clearTimeout(t);
+    return this.exit;
+  }
+
+  logTail(lines = 60) {
+    let text;
+    try {
+      text = readFileSync(this.logPath, "utf8");
+    } catch (e) {
+      return `(no test-registries log: ${e.message})`;
+    }
+    const tail = text.split("\n").slice(-lines);
+    return `--- test-registries log (${this.logPath}, last ${tail.length} lines) ---\n${tail.join("\n")}`;
+  }
+
+  cleanup() {
+    if (process.env.CORDON_KEEP_DATA === "1") return `kept test-registries log ${this.logPath}`;
+    rmSync(dirname(this.logPath), { recursive: true, force: true });
+    return null;
+  }
+}
+
+export class CordonServer {
+  /** `extraArgs` default to the test registries' flags when run.mjs started them. */
+  constructor({ extraArgs = registryServeArgs() } = {}) {
     this.binary = cordonBin();
+    this.extraArgs = extraArgs;
     this.apiKey = `ck-${randomBytes(16).toString("hex")}`;
     this.otherApiKey = `ck-${randomBytes(16).toString("hex")}`;
     this.dataDir = mkdtempSync(join(tmpdir(), "cordon-clients-js-"));
@@ -60,7 +163,7 @@ export class CordonServer {
   get endpoint() { return `${this.url}/api`; }
   get argv() {
     return ["serve", "--listen", `127.0.0.1:${this.port}`, "--data-dir", this.dataDir,
-      "--api-key", this.apiKey, "--api-key", this.otherApiKey];
+      "--api-key", this.apiKey, "--api-key", this.otherApiKey, ...this.extraArgs];
   }
   alive() { return this.proc !== null && this.exit === null; }
 

@@ -1,11 +1,17 @@
-//! The SQLite store: one row per sandbox, the record as JSON beside the indexed columns.
+//! The SQLite store: one row per sandbox, snapshot and registry, the record as JSON beside
+//! the indexed columns, and the tags (`name:tag` → snapshot).
 
+mod registries;
+mod snapshots;
+
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
+use cordon_image::LayerId;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use crate::model::SandboxRecord;
+use crate::model::{LayerRef, SandboxRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -15,17 +21,47 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("name {0:?} is taken")]
     NameTaken(String),
+    #[error("registry name {0:?} is taken")]
+    RegistryNameTaken(String),
 }
 
 /// Schema changes in order; `PRAGMA user_version` counts how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE sandboxes (
         id TEXT PRIMARY KEY,
         workspace TEXT NOT NULL,
         name TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         record TEXT NOT NULL,
         UNIQUE (workspace, name)
-    );"];
+    );",
+    // System snapshots are not stored: they come from the prepared cache at every start.
+    "CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_by_name ON snapshots (workspace, name, created_at);
+    CREATE TABLE snapshot_tags (
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        snapshot_id TEXT NOT NULL,
+        PRIMARY KEY (workspace, name, tag)
+    );
+    CREATE INDEX snapshot_tags_by_snapshot ON snapshot_tags (snapshot_id);
+    CREATE TABLE registries (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        UNIQUE (workspace, name)
+    );",
+];
 
 pub struct Store {
     conn: Mutex<Connection>,
@@ -117,6 +153,56 @@ impl Store {
         }
         Ok(records)
     }
+}
+
+impl Store {
+    /// Every layer-store layer that a snapshot (in any status) or a sandbox still refers to.
+    pub fn layers_in_use(&self) -> Result<HashSet<LayerId>, StoreError> {
+        let mut in_use = HashSet::new();
+        let mut keep = |layers: &[LayerRef]| {
+            for layer in layers {
+                if let LayerRef::Stored(id) = layer {
+                    in_use.insert(id.clone());
+                }
+            }
+        };
+        for sandbox in self.list(None)? {
+            if let Some(base) = &sandbox.base {
+                keep(&base.layers);
+            }
+        }
+        for snapshot in self.all_snapshots()? {
+            keep(&snapshot.layers);
+        }
+        Ok(in_use)
+    }
+}
+
+/// Runs `statement` (one `record` column) and parses every row.
+fn records<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    statement: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = conn.prepare(statement)?;
+    let rows = statement.query_map(params, |row| row.get::<_, String>(0))?;
+    let mut records = Vec::new();
+    for json in rows {
+        records.push(serde_json::from_str(&json?)?);
+    }
+    Ok(records)
+}
+
+/// Runs `statement` (one `record` column) and parses the row, if any.
+fn record<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    statement: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<T>, StoreError> {
+    let json: Option<String> = conn
+        .query_row(statement, params, |row| row.get(0))
+        .optional()?;
+    Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
