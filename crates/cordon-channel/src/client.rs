@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -9,13 +10,13 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::framed_io::FramedIo;
-use crate::{yamux_config, ChannelError, ChannelStream};
+use crate::{yamux_config, ChannelError, ChannelStream, MAX_OPEN_STREAMS, OPEN_STREAM_WAIT};
 
 type StreamReply = oneshot::Sender<Result<yamux::Stream, ChannelError>>;
 
@@ -27,6 +28,8 @@ pub type WebSocket = WebSocketStream<ChannelStream>;
 #[derive(Clone)]
 pub struct AgentClient {
     open_requests: mpsc::UnboundedSender<StreamReply>,
+    /// One permit per stream that may be open; each [`ChannelStream`] holds one until dropped.
+    slots: Arc<Semaphore>,
 }
 
 impl AgentClient {
@@ -47,7 +50,10 @@ impl AgentClient {
                 tracing::debug!(%error, "agent channel ended");
             }
         });
-        AgentClient { open_requests }
+        AgentClient {
+            open_requests,
+            slots: Arc::new(Semaphore::new(MAX_OPEN_STREAMS)),
+        }
     }
 
     /// True once the session has ended; a closed client never recovers.
@@ -55,13 +61,20 @@ impl AgentClient {
         self.open_requests.is_closed()
     }
 
-    /// Opens a new raw stream to the agent.
+    /// Opens a new raw stream to the agent. With [`MAX_OPEN_STREAMS`] already open it waits
+    /// up to [`OPEN_STREAM_WAIT`] for one to close, then fails with
+    /// [`ChannelError::TooManyStreams`]; the session and its other streams carry on.
     pub async fn open_stream(&self) -> Result<ChannelStream, ChannelError> {
+        let slot = tokio::time::timeout(OPEN_STREAM_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| ChannelError::TooManyStreams(MAX_OPEN_STREAMS))?
+            .map_err(|_| ChannelError::Closed)?;
         let (reply, stream) = oneshot::channel();
         self.open_requests
             .send(reply)
             .map_err(|_| ChannelError::Closed)?;
-        Ok(stream.await.map_err(|_| ChannelError::Closed)??.compat())
+        let stream = stream.await.map_err(|_| ChannelError::Closed)??;
+        Ok(ChannelStream::new(stream, Some(slot)))
     }
 
     /// Sends one HTTP/1.1 request on a fresh stream. Upgrades (WebSocket) are supported: the

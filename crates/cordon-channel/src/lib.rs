@@ -8,17 +8,31 @@
 mod client;
 mod framed_io;
 mod server;
+mod stream;
+
+use std::time::Duration;
 
 pub use client::{AgentClient, WebSocket};
 pub use server::serve;
+pub use stream::ChannelStream;
 
-/// One multiplexed stream, usable with tokio I/O.
-pub type ChannelStream = tokio_util::compat::Compat<yamux::Stream>;
+/// Streams the host keeps open at once on one channel. yamux ends the whole session (every
+/// command and transfer of the sandbox) when a stream beyond its own limit is opened, so the
+/// host admits no more than this and refuses the one extra request instead.
+pub const MAX_OPEN_STREAMS: usize = 512;
+/// How long opening a stream waits for a free slot before it is refused.
+pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(2);
+/// yamux's own limit on both ends, above [`MAX_OPEN_STREAMS`]: a stream the host has dropped
+/// leaves the agent's table only once the agent's handler lets go of it, so the agent may
+/// briefly count more streams than the host has open.
+const YAMUX_MAX_STREAMS: usize = 2 * MAX_OPEN_STREAMS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("agent channel closed")]
     Closed,
+    #[error("too many open streams on the agent channel (at most {0}); this request was refused")]
+    TooManyStreams(usize),
     #[error("agent channel: {0}")]
     Yamux(#[from] yamux::ConnectionError),
     #[error("agent HTTP: {0}")]
@@ -33,5 +47,6 @@ fn yamux_config() -> yamux::Config {
     let mut config = yamux::Config::default();
     // Larger frames cut per-frame overhead on a local, lossless stream.
     config.set_split_send_size(64 * 1024);
+    config.set_max_num_streams(YAMUX_MAX_STREAMS);
     config
 }

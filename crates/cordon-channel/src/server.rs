@@ -3,7 +3,7 @@
 use std::future::poll_fn;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::framed_io::FramedIo;
 use crate::{yamux_config, ChannelError, ChannelStream};
@@ -22,7 +22,7 @@ where
     );
     // Polling for inbound streams is also what drives the I/O of every open stream.
     while let Some(stream) = poll_fn(|cx| connection.poll_next_inbound(cx)).await {
-        on_stream(stream?.compat());
+        on_stream(ChannelStream::new(stream?, None));
     }
     Ok(())
 }
