@@ -481,3 +481,43 @@ def test_stop_start_keeps_files_and_quota(client, root_snapshot, make_sandbox):
     assert image_identity(again)[:3] == ["hello-from-image", "/srv/app", "0"]
     fill = again.run(f"dd if=/dev/zero of=/fill bs=1M count={2 * CAPACITY // MIB}; rm -f /fill")
     assert "No space left on device" in fill.stderr, "the quota holds after a restart"
+
+
+def test_cordon_snapshot_import_cli(client, cordon, registries, snapshot_names, tmp_path):
+    """`cordon snapshot import` (issue 4: images without a registry) with a real `docker save`
+    style archive written by skopeo; a sandbox from the imported snapshot runs the image."""
+    import subprocess
+
+    archive = tmp_path / "busybox.tar"
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+         f"docker://{registries.image('busybox')}", f"docker-archive:{archive}:tools/busybox:1"],
+        check=True, capture_output=True, timeout=120,
+    )
+    name = snapshot_names("imported")
+    cli = [str(cordon.binary), "snapshot", "import", "--endpoint", cordon.endpoint, "--api-key", cordon.api_key]
+    done = subprocess.run(
+        [*cli, str(archive), "--name", f"{name}:v1", "--fs-capacity-bytes", str(CAPACITY)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    snapshot_id = done.stdout.strip().splitlines()[-1]
+    assert_uuid(snapshot_id)
+    snapshot = client.get_snapshot(f"{name}:v1")
+    assert (snapshot.id, snapshot.status) == (snapshot_id, "ready")
+    sb = client.create_sandbox(snapshot_id=snapshot_id)
+    try:
+        assert sb.run("cat hello.txt; echo $GREETING").stdout == APP_FILE_CONTENT.decode() + "hello-from-image\n"
+    finally:
+        client.delete_sandbox(sb.name)
+
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not an archive" * 100)
+    failed = subprocess.run(
+        [*cli, str(garbage), "--name", f"{name}:bad", "--fs-capacity-bytes", str(CAPACITY)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert failed.returncode != 0
+    assert failed.stderr.strip(), "a failed import says why"
+    with pytest.raises(ResourceNotFoundError):
+        client.get_snapshot(f"{name}:bad")
