@@ -64,12 +64,12 @@ fn sandbox_response(app: &App, headers: &HeaderMap, record: &SandboxRecord) -> R
 }
 
 /// What a create body asks for, validated.
-struct CreateRequest {
-    name: Option<String>,
-    wait_for_ready: bool,
-    timeout: u64,
-    snapshot: Option<String>,
-    record: SandboxRecord,
+pub(crate) struct CreateRequest {
+    pub name: Option<String>,
+    pub wait_for_ready: bool,
+    pub timeout: u64,
+    pub snapshot: Option<String>,
+    pub record: SandboxRecord,
 }
 
 fn parse_create(
@@ -110,6 +110,8 @@ fn parse_create(
         updated_at: now,
         stopped_at: None,
         base: None,
+        template_name: None,
+        template_id: None,
     };
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
@@ -130,7 +132,12 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let mut request = parse_create(&app, &workspace, &json_object(&body)?)?;
+    let body = json_object(&body)?;
+    let template = crate::templates::for_create(&app, &workspace, &body)?;
+    let mut request = parse_create(&app, &workspace, &body)?;
+    if let Some(template) = &template {
+        crate::templates::apply_to_create(template, &body, &mut request);
+    }
     // Until the record is in the store, its snapshot's layers must not be reclaimed.
     let claim = app.snapshots.claim_layers().await;
     let (snapshot_id, base, default_fs_capacity) = match &request.snapshot {
@@ -147,6 +154,12 @@ pub async fn create(
     request.record.snapshot_id = snapshot_id;
     request.record.base = Some(base);
     request.record.fs_capacity_bytes = request.record.fs_capacity_bytes.or(default_fs_capacity);
+    if let Some(warm) = app
+        .pools
+        .try_claim(&workspace.0, &request, template.as_ref(), &body)?
+    {
+        return Ok(sandbox_response(&app, &headers, &warm));
+    }
     check_quota(&app, &workspace)?;
     let record = insert_with_name(&app, request.record, request.name)?;
     drop(claim);
@@ -175,7 +188,9 @@ pub async fn create(
 }
 
 fn check_quota(app: &App, workspace: &Workspace) -> Result<(), ApiError> {
-    let held = app.sandboxes.store.list(Some(&workspace.0))?.len();
+    // A pool's warm sandboxes count against its workspace.
+    let held =
+        app.sandboxes.store.list(Some(&workspace.0))?.len() + app.pools.warm_count(&workspace.0)?;
     if held >= app.max_sandboxes_per_workspace {
         return Err(ApiError::Quota(format!(
             "sandbox count limit reached ({} per workspace)",

@@ -9,6 +9,7 @@ mod error;
 mod lifecycle;
 mod model;
 mod paging;
+mod pools;
 mod port_forward;
 mod registries;
 mod sandboxes;
@@ -18,6 +19,7 @@ mod signing_keys;
 mod snapshots;
 mod splice;
 mod store;
+mod templates;
 mod tunnel;
 mod validate;
 
@@ -42,6 +44,7 @@ use tokio_util::task::TaskTracker;
 
 pub use cordon_image::RegistryConfig;
 pub use error::ApiError;
+pub use pools::PoolsConfig;
 pub use secret_sealing::SealingError;
 pub use service_urls::ServiceLinksConfig;
 pub use snapshots::SnapshotLimits;
@@ -102,6 +105,8 @@ pub struct ServerConfig {
     pub snapshot_limits: SnapshotLimits,
     /// Service URLs and signing keys (`--service-domain`, `--signing-key-rotation`).
     pub service_links: ServiceLinksConfig,
+    /// Warm pools: pass tick, demand window, scale-down cool-down, host budget.
+    pub pools: PoolsConfig,
 }
 
 /// A workspace: one per API key, named by a hash of the key so the key is never stored.
@@ -113,6 +118,7 @@ pub struct App {
     store: Arc<store::Store>,
     sandboxes: Arc<sandboxes::Sandboxes>,
     snapshots: Arc<snapshots::Snapshots>,
+    pools: Arc<pools::Pools>,
     /// SHA-256 of each key → its workspace.
     workspaces: HashMap<[u8; 32], Workspace>,
     public_url: Option<String>,
@@ -252,6 +258,23 @@ fn api_routes() -> Router<Arc<App>> {
                 .patch(registries::update)
                 .delete(registries::delete),
         )
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{name}",
+            get(templates::get)
+                .patch(templates::update)
+                .delete(templates::delete),
+        )
+        .route(
+            "/pools",
+            get(pools::routes::list).post(pools::routes::create),
+        )
+        .route(
+            "/pools/{name}",
+            get(pools::routes::get)
+                .patch(pools::routes::update)
+                .delete(pools::routes::delete),
+        )
         .layer(axum::middleware::from_fn(read_small_body_first))
 }
 
@@ -385,11 +408,20 @@ pub async fn serve_until(
         })
         .collect();
     let lifecycle = tokio::spawn(lifecycle::run(sandboxes.clone(), config.lifecycle_tick));
+    let pools = Arc::new(pools::Pools::new(
+        store.clone(),
+        sandboxes.clone(),
+        snapshots.clone(),
+        config.pools,
+        config.max_sandboxes_per_workspace,
+    ));
+    let pool_task = tokio::spawn(pools.clone().run());
     let going_away = CancellationToken::new();
     let app = Arc::new(App {
         store,
         sandboxes,
         snapshots,
+        pools,
         workspaces,
         public_url,
         max_sandboxes_per_workspace: config.max_sandboxes_per_workspace,
@@ -418,6 +450,7 @@ pub async fn serve_until(
     });
     let served = serve_http(listener, router(app.clone()), going_away).await;
     lifecycle.abort();
+    pool_task.abort();
     reclaimer.abort();
     close_websockets(&app.shutdown).await;
     tracing::info!("cordon serve stopped; sandboxes keep running");

@@ -78,6 +78,12 @@ pub struct SandboxRecord {
     /// `None` in records written before snapshots existed: the default snapshot as prepared.
     #[serde(default)]
     pub base: Option<SandboxBase>,
+    /// The template the sandbox was made from (spec §2.8), as named then; shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_name: Option<String>,
+    /// Its id: what keeps the template from being deleted, whatever it is renamed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
 }
 
 impl SandboxRecord {
@@ -104,8 +110,13 @@ impl SandboxRecord {
             "labels": self.labels,
             "run_config": self.run_config.over(snapshot_run_config),
         });
-        if let (Some(delegation), Some(map)) = (&self.access_delegation, object.as_object_mut()) {
-            map.insert("access_delegation".into(), delegation.clone());
+        if let Some(map) = object.as_object_mut() {
+            if let Some(delegation) = &self.access_delegation {
+                map.insert("access_delegation".into(), delegation.clone());
+            }
+            if let Some(template) = &self.template_name {
+                map.insert("template_name".into(), template.clone().into());
+            }
         }
         object
     }

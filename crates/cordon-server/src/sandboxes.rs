@@ -117,18 +117,25 @@ impl Sandboxes {
     }
 
     fn set_status(&self, id: &str, status: Status, message: Option<String>) {
-        let Ok(Some(mut record)) = self.store.get_by_id(id) else {
-            return;
-        };
-        record.status = status;
-        record.status_message = message;
-        record.updated_at = now_ms();
-        record.stopped_at = match status {
-            Status::Stopped => Some(record.stopped_at.unwrap_or_else(now_ms)),
-            _ => None,
-        };
-        if let Err(error) = self.store.update(&record) {
-            tracing::warn!(sandbox = id, %error, "recording status");
+        // A pool claim can move the row between the read and the write, which then writes
+        // nothing; read again (a claim happens once, so a second try is enough).
+        for _ in 0..2 {
+            let Ok(Some(mut record)) = self.store.get_by_id(id) else {
+                break;
+            };
+            record.status = status;
+            record.status_message = message.clone();
+            record.updated_at = now_ms();
+            record.stopped_at = match status {
+                Status::Stopped => Some(record.stopped_at.unwrap_or_else(now_ms)),
+                _ => None,
+            };
+            match self.store.update(&record) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(error) => tracing::warn!(sandbox = id, %error, "recording status"),
+            }
+            break;
         }
         self.status_changed.notify_waiters();
     }

@@ -92,6 +92,22 @@ struct ServeArgs {
     /// keys stay in the JWKS until their tokens have expired.
     #[arg(long, default_value_t = 86_400)]
     signing_key_rotation: u64,
+    /// How often warm pools are checked, scaled and refilled (claims also wake the pass).
+    #[arg(long, default_value_t = 2)]
+    pool_tick_seconds: u64,
+    /// A pool's target is the claims in this window plus its target_spare (60 = claims per
+    /// minute), within min_replicas..=max_replicas.
+    #[arg(long, default_value_t = 60)]
+    pool_demand_window_seconds: u64,
+    /// How long a pool goes without demand before it drops spare warm sandboxes.
+    #[arg(long, default_value_t = 300)]
+    pool_scale_down_cooldown_seconds: u64,
+    /// Most memory all pools' warm sandboxes together may be given (default: unbounded).
+    #[arg(long)]
+    pool_memory_budget_bytes: Option<u64>,
+    /// Most CPU all pools' warm sandboxes together may be given (default: unbounded).
+    #[arg(long)]
+    pool_cpu_budget_millicores: Option<u64>,
 }
 
 #[derive(Args)]
@@ -215,6 +231,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         service_links: cordon_server::ServiceLinksConfig {
             service_domain: args.service_domain,
             key_rotation: std::time::Duration::from_secs(args.signing_key_rotation),
+        },
+        pools: cordon_server::PoolsConfig {
+            tick: std::time::Duration::from_secs(args.pool_tick_seconds.max(1)),
+            demand_window: std::time::Duration::from_secs(args.pool_demand_window_seconds.max(1)),
+            scale_down_cooldown: std::time::Duration::from_secs(
+                args.pool_scale_down_cooldown_seconds,
+            ),
+            memory_budget_bytes: args.pool_memory_budget_bytes,
+            cpu_budget_millicores: args.pool_cpu_budget_millicores,
         },
     };
     cordon_server::serve(config, std::sync::Arc::new(runtime)).await?;

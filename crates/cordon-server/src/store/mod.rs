@@ -1,8 +1,10 @@
 //! The SQLite store: one row per sandbox, snapshot and registry, the record as JSON beside
 //! the indexed columns, and the tags (`name:tag` → snapshot).
 
+mod pools;
 mod registries;
 mod snapshots;
+mod templates;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -61,6 +63,25 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL,
         UNIQUE (workspace, name)
     );",
+    // A pool's warm sandboxes are rows of `sandboxes` in the pool's hidden workspace.
+    "CREATE TABLE templates (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        UNIQUE (workspace, name)
+    );
+    CREATE TABLE pools (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        UNIQUE (workspace, name)
+    );
+    CREATE INDEX pools_by_template ON pools (template_id);",
 ];
 
 pub struct Store {
@@ -96,16 +117,19 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the whole record; a no-op when the row is gone (deleted concurrently).
-    pub fn update(&self, record: &SandboxRecord) -> Result<(), StoreError> {
+    /// Writes the whole record if the row is still in the record's workspace; `false` (and
+    /// nothing written) when it is gone, or when a pool claim moved it since the record was
+    /// read: a write from before the claim must not put the pool's workspace back.
+    pub fn update(&self, record: &SandboxRecord) -> Result<bool, StoreError> {
         let json = serde_json::to_string(record)?;
-        self.conn()
+        let written = self
+            .conn()
             .execute(
-                "UPDATE sandboxes SET name = ?2, record = ?3 WHERE id = ?1",
-                params![record.id, record.name, json],
+                "UPDATE sandboxes SET name = ?2, record = ?3 WHERE id = ?1 AND workspace = ?4",
+                params![record.id, record.name, json, record.workspace],
             )
             .map_err(|e| name_taken(e, &record.name))?;
-        Ok(())
+        Ok(written > 0)
     }
 
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {

@@ -28,6 +28,30 @@ pub const CA_ENV: &str = "CORDON_TEST_SERVE_REGISTRY_CA";
 /// Passed to the server process: `--service-domain` and `--signing-key-rotation` (seconds).
 pub const SERVICE_DOMAIN_ENV: &str = "CORDON_TEST_SERVE_SERVICE_DOMAIN";
 pub const KEY_ROTATION_ENV: &str = "CORDON_TEST_SERVE_KEY_ROTATION";
+/// Passed to the server process: `max_sandboxes_per_workspace` (default 4) and the pool
+/// settings (durations in milliseconds, budgets in bytes and millicores).
+pub const MAX_SANDBOXES_ENV: &str = "CORDON_TEST_SERVE_MAX_SANDBOXES";
+pub const POOL_TICK_MS_ENV: &str = "CORDON_TEST_SERVE_POOL_TICK_MS";
+pub const POOL_WINDOW_MS_ENV: &str = "CORDON_TEST_SERVE_POOL_WINDOW_MS";
+pub const POOL_COOLDOWN_MS_ENV: &str = "CORDON_TEST_SERVE_POOL_COOLDOWN_MS";
+pub const POOL_MEMORY_BUDGET_ENV: &str = "CORDON_TEST_SERVE_POOL_MEMORY_BUDGET";
+pub const POOL_CPU_BUDGET_ENV: &str = "CORDON_TEST_SERVE_POOL_CPU_BUDGET";
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn pools_config_from_env() -> cordon_server::PoolsConfig {
+    let defaults = cordon_server::PoolsConfig::default();
+    let millis = |name, default| env_number(name).map_or(default, Duration::from_millis);
+    cordon_server::PoolsConfig {
+        tick: millis(POOL_TICK_MS_ENV, Duration::from_millis(200)),
+        demand_window: millis(POOL_WINDOW_MS_ENV, defaults.demand_window),
+        scale_down_cooldown: millis(POOL_COOLDOWN_MS_ENV, defaults.scale_down_cooldown),
+        memory_budget_bytes: env_number(POOL_MEMORY_BUDGET_ENV),
+        cpu_budget_millicores: env_number(POOL_CPU_BUDGET_ENV),
+    }
+}
 
 /// Body of the `serve_child` test: serves when started by [`Server::start`], else returns.
 pub fn serve_child_main() {
@@ -52,7 +76,7 @@ pub fn serve_child_main() {
             public_url: None,
             snapshot,
             lifecycle_tick: Duration::from_secs(1),
-            max_sandboxes_per_workspace: 4,
+            max_sandboxes_per_workspace: env_number(MAX_SANDBOXES_ENV).map_or(4, |n| n as usize),
             registry: cordon_server::RegistryConfig {
                 insecure_registries: std::env::var(INSECURE_ENV)
                     .map(|r| vec![r])
@@ -72,6 +96,7 @@ pub fn serve_child_main() {
                         Duration::from_secs,
                     ),
             },
+            pools: pools_config_from_env(),
         };
         cordon_server::serve(config, Arc::new(runtime))
             .await

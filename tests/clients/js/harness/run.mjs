@@ -19,17 +19,22 @@
 // CORDON_REGISTRIES (or, when they could not start, the reason as CORDON_REGISTRIES_ERROR, so only
 // the tests that need them fail).
 //
+// CORDON_JS_TESTS names another directory holding the test/ (and test/no-ws/) files to run, e.g.
+// tests/clients/js-legacy for the template-era client that lacks the current API; a pass without
+// files is skipped, and that directory's cleanup.mjs, when it has one, replaces harness/cleanup.mjs.
+//
 // Environment: CORDON_BIN, CORDON_START_TIMEOUT (s, default 180), CORDON_KEEP_DATA=1,
 // CORDON_SHOW_LOG=1, CORDON_JS_CONCURRENCY (test files run at once, default 2),
 // CORDON_TEST_REGISTRIES_BIN, CORDON_REGISTRIES_TIMEOUT (s, default 180).
 import { spawn } from "node:child_process";
-import { readdirSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CordonServer, Registries, cleanEnv, registryServeArgs } from "./server.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const JS_DIR = resolve(HERE, "..");
+const TESTS_DIR = resolve(process.env.CORDON_JS_TESTS ?? JS_DIR);
 
 const [envArg, ...extraArgs] = process.argv.slice(2);
 if (!envArg) {
@@ -87,18 +92,19 @@ function nodeTest(files, extraEnv) {
     const child = spawn(process.execPath, [
       "--import", register, "--test", `--test-concurrency=${concurrency}`,
       "--test-reporter=spec", "--test-timeout=180000", ...extraArgs, ...files,
-    ], { cwd: JS_DIR, stdio: "inherit", env: { ...testEnv, ...extraEnv } });
+    ], { cwd: TESTS_DIR, stdio: "inherit", env: { ...testEnv, ...extraEnv } });
     child.on("exit", (code, signal) => res(code ?? (signal ? 1 : 0)));
   });
 }
 
-const listTests = (sub) => readdirSync(join(JS_DIR, sub)).filter((f) => f.endsWith(".test.mjs")).sort().map((f) => join(sub, f));
+const listTests = (sub) => !existsSync(join(TESTS_DIR, sub)) ? [] : readdirSync(join(TESTS_DIR, sub)).filter((f) => f.endsWith(".test.mjs")).sort().map((f) => join(sub, f));
 const passes = [
   { label: "ws installed: WebSocket exec", files: listTests("test"), env: {} },
   { label: "ws hidden: HTTP /execute fallback", files: listTests("test/no-ws"), env: { CORDON_JS_NO_WS: "1" } },
 ];
 let status = 0;
 for (const p of passes) {
+  if (p.files.length === 0) continue;
   console.log(`--- node --test (${p.label}): ${p.files.length} files`);
   const rc = await nodeTest(p.files, p.env);
   if (rc !== 0) status = rc;
@@ -112,8 +118,10 @@ for (const p of passes) {
 // Leftover sandboxes (they outlive `cordon serve`): delete them, best effort, reported.
 if (server.alive()) {
   const notes = await new Promise((res) => {
-    const child = spawn(process.execPath, ["--import", register, join(HERE, "cleanup.mjs")], {
-      cwd: JS_DIR, stdio: ["ignore", "pipe", "inherit"], env: testEnv,
+    const ownCleanup = join(TESTS_DIR, "cleanup.mjs");
+    const cleanup = existsSync(ownCleanup) ? ownCleanup : join(HERE, "cleanup.mjs");
+    const child = spawn(process.execPath, ["--import", register, cleanup], {
+      cwd: TESTS_DIR, stdio: ["ignore", "pipe", "inherit"], env: testEnv,
     });
     let out = "";
     child.stdout.on("data", (d) => { out += d; });
