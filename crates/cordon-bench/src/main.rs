@@ -1,6 +1,6 @@
 //! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios
 //! (design/TARGETS.md). `CORDON_BENCH=p1,p5` picks sections (default all: p2, start, p1, p4,
-//! p5, p6, p8, p9, p10, images); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
+//! p5, p6, p7, p8, p9, p10, images); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
 //!
 //! - P2: exec round trip of `true` from a Rust client over the WebSocket API, through the
 //!   channel, beside a host spawn of `true` and a `bwrap … true`.
@@ -10,6 +10,10 @@
 //!   against a `cordon serve` (the `cordon` binary beside this one) started by this run.
 //! - P5, P6: 1 GiB of stdout over `/execute/ws`, upload and download of a 1 GiB file, through
 //!   the agent channel; beside `cat` of 1 GiB over a loopback TCP socket.
+//! - P7: 1 GiB upload and 1 GiB download through one `/tunnel` stream (yamux over the
+//!   WebSocket of a `cordon serve` started by this run) to `py/p7_sink_source.py` inside a
+//!   sandbox, beside the same transfers to the same script over loopback TCP on the host
+//!   (`CORDON_BENCH_TUNNEL_MIB`, `CORDON_BENCH_TUNNEL_ROUNDS`: 1024, 3).
 //! - P8: `CORDON_BENCH_IDLE` (200) idle sandboxes at once and host memory each, beside as many
 //!   `bwrap … sleep`; P9: create+start+destroy rate beside `bwrap … true`; P10: exec p95 with
 //!   100 commands in flight over 20 sandboxes beside one at a time. See `target_metrics.rs`
@@ -33,7 +37,9 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod image_metrics;
+mod pool_metrics;
 mod target_metrics;
+mod tunnel_metrics;
 
 const EXEC_ROUNDS: usize = 300;
 const START_ROUNDS: usize = 30;
@@ -96,6 +102,11 @@ async fn main() -> Result<()> {
             table.notes.push(format!("P5/P6: not measured: {error:#}"));
         }
     }
+    if sections.has("p7") {
+        if let Err(error) = tunnel_metrics::p7(&mut table).await {
+            table.notes.push(format!("P7: not measured: {error:#}"));
+        }
+    }
     if sections.has("p8") {
         if let Err(error) = target_metrics::p8(&runtime, &rootfs, &mut table).await {
             table.notes.push(format!("P8: not measured: {error:#}"));
@@ -115,6 +126,11 @@ async fn main() -> Result<()> {
         if let Err(error) = image_metrics::images(&runtime, state.path(), &bwrap, &mut table).await
         {
             table.notes.push(format!("images: not measured: {error:#}"));
+        }
+    }
+    if sections.has("p3") {
+        if let Err(error) = pool_metrics::p3(&mut table).await {
+            table.notes.push(format!("P3: not measured: {error:#}"));
         }
     }
     table.print();

@@ -41,9 +41,9 @@ fn ratio(ours: f64, base: f64) -> String {
 }
 
 /// A `cordon serve` on a free loopback port, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Server {
@@ -53,7 +53,8 @@ impl Drop for Server {
     }
 }
 
-fn serve(data_dir: &Path, key: &str) -> Result<Server> {
+/// `extra`: more `cordon serve` arguments (limits a benchmark needs).
+pub(crate) fn serve(data_dir: &Path, key: &str, extra: &[&str]) -> Result<Server> {
     let exe = std::env::current_exe()?
         .parent()
         .context("bench executable dir")?
@@ -69,6 +70,7 @@ fn serve(data_dir: &Path, key: &str) -> Result<Server> {
         ])
         .arg(data_dir)
         .args(["--api-key", key])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -92,7 +94,8 @@ fn serve(data_dir: &Path, key: &str) -> Result<Server> {
     bail!("cordon serve did not answer /healthz within 30 s")
 }
 
-fn python_venv() -> Result<PathBuf> {
+/// The primary client's cached venv (tests/clients/venv.sh).
+pub(crate) fn python_venv() -> Result<PathBuf> {
     let root = workspace_root();
     let output = Command::new(root.join("tests/clients/venv.sh"))
         .arg(root.join("tests/clients/python/requirements.txt"))
@@ -107,7 +110,8 @@ fn python_venv() -> Result<PathBuf> {
     ))
 }
 
-fn samples(value: &serde_json::Value, key: &str) -> Vec<Duration> {
+/// `value[key]`: a list of milliseconds.
+pub(crate) fn samples(value: &serde_json::Value, key: &str) -> Vec<Duration> {
     value[key]
         .as_array()
         .map(|list| {
@@ -144,7 +148,7 @@ pub(crate) async fn p1_p4(
         .tempdir()?;
     let data_dir = data.path().join("data");
     let key = "cordon-bench-key";
-    let server = serve(&data_dir, key)?;
+    let server = serve(&data_dir, key, &[])?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/p1_p4.py");
     let output = tokio::process::Command::new(venv.join("bin/python"))
         .arg(&script)
@@ -261,12 +265,12 @@ fn cat_over_tcp(file: &Path) -> Result<(u64, Duration)> {
     Ok((total, started.elapsed()))
 }
 
-fn mbps(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
 
 /// Median and worst of throughputs in MB/s.
-fn rate_stats(rates: &[f64]) -> (f64, f64) {
+pub(crate) fn rate_stats(rates: &[f64]) -> (f64, f64) {
     let mut sorted = rates.to_vec();
     sorted.sort_by(f64::total_cmp);
     (sorted[sorted.len() / 2], sorted[0])
