@@ -206,9 +206,10 @@ fn upstream_request(
         .map_err(|e| ApiError::Invalid(e.to_string()))
 }
 
-/// Splices the client's and the agent's upgraded connections until both end or the server
-/// shuts down (then the client gets a close frame; see `splice`).
-fn splice_upgraded(
+/// Splices the client's upgraded connection with the sandbox side's (the agent's, or an app's
+/// behind a service URL) until both end or the server shuts down (then the client gets a close
+/// frame; see `splice`). The sandbox counts as active meanwhile.
+pub(crate) fn splice_upgraded(
     app: Arc<App>,
     id: String,
     client_side: hyper::upgrade::OnUpgrade,

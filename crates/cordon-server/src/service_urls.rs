@@ -29,7 +29,7 @@ use crate::error::{ApiError, FieldError};
 use crate::port_forward::PortError;
 use crate::signing_keys::{TokenError, MAX_TOKEN_LIFETIME};
 use crate::validate::Fields;
-use crate::{splice, App, Workspace};
+use crate::{dataplane, App, Workspace};
 
 /// The request header the official clients send the token in (spec §5.1).
 pub const TOKEN_HEADER: &str = "x-langsmith-sandbox-service-token";
@@ -656,7 +656,7 @@ async fn proxy(app: Arc<App>, routed: Routed, mut request: Request) -> Result<Re
     match client_upgrade {
         Some(client_side) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let app_side = hyper::upgrade::on(&mut response);
-            splice_upgraded(app, id, client_side, app_side);
+            dataplane::splice_upgraded(app, id, client_side, app_side);
             let (parts, _) = response.into_parts();
             Ok(Response::from_parts(parts, Body::empty()))
         }
@@ -775,30 +775,6 @@ fn remove_our_cookie(headers: &mut HeaderMap) {
             headers.insert(header::COOKIE, value);
         }
     }
-}
-
-/// Splices an upgraded (WebSocket) connection between the client and the app; on shutdown
-/// the client gets a close frame (see `splice`).
-fn splice_upgraded(
-    app: Arc<App>,
-    id: String,
-    client_side: hyper::upgrade::OnUpgrade,
-    app_side: hyper::upgrade::OnUpgrade,
-) {
-    let going_away = app.shutdown.going_away.clone();
-    let upgrades = app.shutdown.upgrades.clone();
-    upgrades.spawn(async move {
-        let (client, service) = match tokio::try_join!(client_side, app_side) {
-            Ok(pair) => pair,
-            Err(error) => {
-                tracing::debug!(%error, "service upgrade failed");
-                return;
-            }
-        };
-        app.sandboxes.connection_opened(&id, true);
-        splice::splice(TokioIo::new(client), TokioIo::new(service), going_away).await;
-        app.sandboxes.connection_opened(&id, false);
-    });
 }
 
 #[cfg(test)]
