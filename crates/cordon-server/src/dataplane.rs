@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use hyper_util::rt::TokioIo;
@@ -12,22 +12,12 @@ use hyper_util::rt::TokioIo;
 use cordon_channel::AgentClient;
 
 use crate::error::{reject_after_reading_body, ApiError};
+use crate::forwarding::{strip_hop_by_hop, wants_upgrade};
 use crate::{splice, App, Workspace};
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus our credentials.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "x-api-key",
-];
-
+/// Never forwarded to the agent besides the hop-by-hop headers: our credential, and the
+/// client's Host (the agent is addressed as `agent`).
+const NOT_FOR_THE_AGENT: [HeaderName; 2] = [header::HOST, HeaderName::from_static("x-api-key")];
 /// Any method on `/dp/{id}/{*rest}`.
 pub async fn forward(
     State(app): State<Arc<App>>,
@@ -163,28 +153,6 @@ fn percent_decode(input: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-/// Removes hop-by-hop headers; an upgrade keeps `Connection`/`Upgrade`, which it needs.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    for name in HOP_BY_HOP {
-        if upgrade && (*name == "connection" || *name == "upgrade") {
-            continue;
-        }
-        headers.remove(HeaderName::from_static(name));
-    }
-}
-
 /// The client's request re-addressed to the agent, body streamed through.
 fn upstream_request(
     request: Request,
@@ -198,6 +166,9 @@ fn upstream_request(
         .header(header::HOST, "agent");
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
+    for name in NOT_FOR_THE_AGENT {
+        headers.remove(name);
+    }
     if let Some(map) = builder.headers_mut() {
         map.extend(headers);
     }

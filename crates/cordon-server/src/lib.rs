@@ -6,6 +6,7 @@ mod control;
 mod dataplane;
 mod download_links;
 mod error;
+mod forwarding;
 mod lifecycle;
 mod model;
 mod paging;

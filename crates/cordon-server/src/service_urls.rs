@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::control::json_object;
 use crate::error::{ApiError, FieldError};
+use crate::forwarding::{strip_hop_by_hop, wants_upgrade};
 use crate::port_forward::PortError;
 use crate::signing_keys::{TokenError, MAX_TOKEN_LIFETIME};
 use crate::validate::Fields;
@@ -47,18 +48,6 @@ const MAX_EMBED_ORIGINS: usize = 5;
 const MAX_ORIGIN_BYTES: usize = 255;
 /// How long the proxied app has to answer the request line and headers.
 const APP_HEADERS_WITHIN: Duration = Duration::from_secs(300);
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 /// Inbound headers dropped before the app sees the request: our credentials, and forwarding
 /// headers only Cordon may set.
 const NEVER_FORWARDED: &[&str] = &[
@@ -680,39 +669,6 @@ fn frame_ancestors(origins: &[String]) -> HeaderValue {
         policy.push_str(origin);
     }
     HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("frame-ancestors 'self'"))
-}
-
-fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Headers named by `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !upgrade || n != header::UPGRADE)
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        if upgrade && (*name == "connection" || *name == "upgrade") {
-            continue;
-        }
-        headers.remove(*name);
-    }
 }
 
 /// The request as the app sees it: its own path, `Host: localhost:{port}` (what development
