@@ -137,6 +137,8 @@ pub async fn create(
     let mut request = parse_create(&app, &workspace, &body)?;
     if let Some(template) = &template {
         crate::templates::apply_to_create(template, &body, &mut request);
+        let timeout = Duration::from_secs(request.timeout);
+        crate::templates::wait_for_build(&app, template, timeout).await?;
     }
     // Until the record is in the store, its snapshot's layers must not be reclaimed.
     let claim = app.snapshots.claim_layers().await;

@@ -2,6 +2,7 @@
 //! per workspace and reused by `POST /boxes {template_name}` and by pools.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -15,6 +16,9 @@ use serde_json::{json, Map, Value};
 use crate::control::json_object;
 use crate::error::{ApiError, FieldError};
 use crate::model::{iso8601, now_ms};
+use crate::snapshots::names::ImageReference;
+use crate::snapshots::record::{SnapshotRecord, SnapshotStatus};
+use crate::snapshots::routes::{start_pull, PullRequest, DEFAULT_FS_CAPACITY};
 use crate::store::StoreError;
 use crate::validate::{valid_name, Fields};
 use crate::{App, Workspace};
@@ -32,6 +36,10 @@ const MIN_STORAGE_BYTES: u64 = 8 << 20;
 /// What the legacy clients default `resources` to.
 const DEFAULT_CPU: &str = "500m";
 const DEFAULT_MEMORY: &str = "512Mi";
+/// Where a template's own snapshot builds go: `templates/<template name>:<image tag>`.
+const BUILD_NAMESPACE: &str = "templates/";
+/// How often a create from a template whose snapshot is building looks again.
+const BUILD_POLL: Duration = Duration::from_millis(250);
 /// The only runtime backend this server has.
 const RUNTIMES: &[&str] = &["namespace"];
 
@@ -55,8 +63,12 @@ pub struct TemplateRecord {
     pub workspace: String,
     pub name: String,
     /// A snapshot reference (id, `name`, `name:tag`), resolved at every use so a moved tag
-    /// takes effect.
+    /// takes effect; or an image reference the template built `snapshot_id` from (echoed as
+    /// given).
     pub image: String,
+    /// The snapshot this template built from `image` when `image` named no snapshot.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
     pub resources: Resources,
     /// Accepted and echoed; volumes are not implemented, so nothing is mounted.
     pub volume_mounts: Vec<Value>,
@@ -71,13 +83,27 @@ pub struct TemplateRecord {
 }
 
 impl TemplateRecord {
-    /// The Template object of spec §2.8 plus the extension fields.
-    pub fn to_json(&self) -> Value {
+    /// The snapshot reference sandboxes from this template boot from.
+    pub fn snapshot_reference(&self) -> &str {
+        self.snapshot_id.as_deref().unwrap_or(&self.image)
+    }
+
+    /// The Template object of spec §2.8 plus the extension fields; `build` is the snapshot
+    /// it built from its image, if it did (`status` is `ready` for a snapshot reference).
+    pub fn to_json(&self, build: Option<&SnapshotRecord>) -> Value {
         let r = &self.resources;
+        let (status, status_message) = match (&self.snapshot_id, build) {
+            (None, _) => ("ready", None),
+            (Some(_), Some(build)) => (build.status.as_str(), build.status_message.clone()),
+            (Some(_), None) => ("failed", Some("its snapshot was deleted".to_string())),
+        };
         json!({
             "id": self.id,
             "name": self.name,
             "image": self.image,
+            "snapshot_id": self.snapshot_id,
+            "status": status,
+            "status_message": status_message,
             "resources": {"cpu": r.cpu, "memory": r.memory, "storage": r.storage},
             "cpu_millicores": r.cpu_millicores,
             "mem_bytes": r.mem_bytes,
@@ -291,36 +317,154 @@ fn parse_runtime(f: &mut Fields) -> Option<String> {
     Some(runtime)
 }
 
-fn parse_image(app: &App, workspace: &Workspace, f: &mut Fields) -> Option<String> {
+/// What a template's `image` names.
+enum ImageSource {
+    Snapshot(String),
+    /// An image to build the template's snapshot from.
+    Build(String, ImageReference),
+}
+
+/// A snapshot of the workspace (or the system one) first; else a valid image reference.
+fn parse_image(app: &App, workspace: &Workspace, f: &mut Fields) -> Option<ImageSource> {
     let image = f.string("image")?;
-    let known = image.len() <= MAX_REFERENCE_BYTES
-        && matches!(app.snapshots.find(&workspace.0, &image), Ok(Some(_)));
-    if !known {
+    if image.len() > MAX_REFERENCE_BYTES {
         f.errors.push(FieldError::value(
             "image",
-            format!(
-                "Value error, no snapshot '{image}' in this workspace: image names a snapshot \
-                 (id, name or name:tag); build one from a Docker image with POST /snapshots"
-            ),
+            format!("Value error, image longer than {MAX_REFERENCE_BYTES} characters"),
         ));
         return None;
     }
-    Some(image)
+    match app.snapshots.find(&workspace.0, &image) {
+        Ok(Some(_)) => return Some(ImageSource::Snapshot(image)),
+        Ok(None) => {}
+        Err(error) => {
+            tracing::warn!(%error, "resolving a template's image");
+        }
+    }
+    match ImageReference::parse(&image) {
+        Ok(reference) => Some(ImageSource::Build(image, reference)),
+        Err(why) => {
+            f.errors.push(FieldError::value(
+                "image",
+                format!(
+                    "Value error, image names no snapshot in this workspace (id, name or \
+                     name:tag) and is no image to build from: {why}"
+                ),
+            ));
+            None
+        }
+    }
 }
 
-/// Applies the fields present in `body` over `template` (a fresh one for a create).
+/// Starts the build of the template's own snapshot, `templates/<name>:<image tag>`, as
+/// `POST /snapshots` would; its disk is the template's `storage`, else the default
+/// snapshot capacity (8 GiB), which also bounds the unpacked image.
+async fn build_snapshot(
+    app: &App,
+    workspace: &Workspace,
+    template: &TemplateRecord,
+    image: ImageReference,
+) -> Result<SnapshotRecord, ApiError> {
+    let pull = PullRequest {
+        name: format!("{BUILD_NAMESPACE}{}", template.name),
+        tag: String::new(),
+        docker_image: template.image.clone(),
+        image,
+        fs_capacity_bytes: template
+            .resources
+            .fs_capacity_bytes
+            .unwrap_or(DEFAULT_FS_CAPACITY),
+        registry_id: None,
+        run_config: RunConfig::default(),
+    };
+    let snapshot = start_pull(app, workspace, pull).await?;
+    tracing::info!(template = %template.name, snapshot = %snapshot.id, "building template image");
+    Ok(snapshot)
+}
+
+/// The snapshot the template built, if it built one and it still exists.
+fn own_build(app: &App, template: &TemplateRecord) -> Result<Option<SnapshotRecord>, ApiError> {
+    match &template.snapshot_id {
+        None => Ok(None),
+        Some(id) => Ok(app.store.workspace_snapshot(&template.workspace, id)?),
+    }
+}
+
+fn template_json(app: &App, template: &TemplateRecord) -> Result<Value, ApiError> {
+    Ok(template.to_json(own_build(app, template)?.as_ref()))
+}
+
+/// Waits, at most `timeout`, until the snapshot the template built is ready; a clear error
+/// when its build failed or outlasts the wait.
+pub async fn wait_for_build(
+    app: &App,
+    template: &TemplateRecord,
+    timeout: Duration,
+) -> Result<(), ApiError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(build) = own_build(app, template)? else {
+            if template.snapshot_id.is_some() {
+                return Err(ApiError::Conflict(format!(
+                    "template '{}': the snapshot built from image '{}' was deleted; set the \
+                     image again to rebuild it",
+                    template.name, template.image
+                )));
+            }
+            return Ok(());
+        };
+        match build.status {
+            SnapshotStatus::Ready => return Ok(()),
+            SnapshotStatus::Failed => {
+                return Err(ApiError::Conflict(format!(
+                    "template '{}': building image '{}' failed: {}",
+                    template.name,
+                    template.image,
+                    build.status_message.unwrap_or_default()
+                )))
+            }
+            SnapshotStatus::Building if Instant::now() >= deadline => {
+                return Err(ApiError::Timeout(format!(
+                    "template '{}': image '{}' is still building after {} s; retry later",
+                    template.name,
+                    template.image,
+                    timeout.as_secs()
+                )))
+            }
+            SnapshotStatus::Building => tokio::time::sleep(BUILD_POLL).await,
+        }
+    }
+}
+
+/// Applies the fields present in `body` over `template` (a fresh one for a create); an
+/// image to build from is returned for the caller to build once the template is valid.
 fn apply_body(
     app: &App,
     workspace: &Workspace,
     body: &Map<String, Value>,
     template: &mut TemplateRecord,
-) -> Result<(), ApiError> {
+) -> Result<Option<ImageReference>, ApiError> {
     let mut f = Fields::new(body);
     if let Some(name) = f.name() {
         template.name = name;
     }
-    if let Some(image) = parse_image(app, workspace, &mut f) {
-        template.image = image;
+    let mut to_build = None;
+    match parse_image(app, workspace, &mut f) {
+        None => {}
+        Some(ImageSource::Snapshot(image)) => {
+            template.image = image;
+            template.snapshot_id = None;
+        }
+        Some(ImageSource::Build(image, reference)) => {
+            // An unchanged image keeps its build (a failed one is retried).
+            let unchanged = image == template.image && template.snapshot_id.is_some();
+            let failed =
+                own_build(app, template)?.is_none_or(|b| b.status == SnapshotStatus::Failed);
+            if !unchanged || failed {
+                to_build = Some(reference);
+            }
+            template.image = image;
+        }
     }
     let mut errors = std::mem::take(&mut f.errors);
     if body.contains_key("resources") {
@@ -349,6 +493,20 @@ fn apply_body(
     }
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
+    }
+    Ok(to_build)
+}
+
+/// Builds the template's snapshot from `image` when asked to, recording its id.
+async fn build_if_asked(
+    app: &App,
+    workspace: &Workspace,
+    template: &mut TemplateRecord,
+    image: Option<ImageReference>,
+) -> Result<(), ApiError> {
+    if let Some(image) = image {
+        let snapshot = build_snapshot(app, workspace, template, image).await?;
+        template.snapshot_id = Some(snapshot.id);
     }
     Ok(())
 }
@@ -401,7 +559,7 @@ pub(crate) fn apply_to_create(
     record.template_name = Some(template.name.clone());
     record.template_id = Some(template.id.clone());
     if request.snapshot.is_none() {
-        request.snapshot = Some(template.image.clone());
+        request.snapshot = Some(template.snapshot_reference().to_string());
     }
     if !given("vcpus") && !given("cpu_millicores") {
         record.cpu_millicores = Some(template.resources.cpu_millicores);
@@ -451,6 +609,7 @@ pub async fn create(
         workspace: workspace.0.clone(),
         name: String::new(),
         image: String::new(),
+        snapshot_id: None,
         resources: default_resources(),
         volume_mounts: Vec::new(),
         run_config: None,
@@ -461,17 +620,26 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    apply_body(&app, &workspace, &body, &mut template)?;
+    let to_build = apply_body(&app, &workspace, &body, &mut template)?;
     if app.store.count_templates(&workspace.0)? >= MAX_TEMPLATES_PER_WORKSPACE {
         return Err(ApiError::Quota(format!(
             "template limit reached ({MAX_TEMPLATES_PER_WORKSPACE} per workspace)"
         )));
     }
+    if app
+        .store
+        .template_by_name(&workspace.0, &template.name)?
+        .is_some()
+    {
+        // Checked before building, so a refused create starts no build.
+        return Err(name_conflict(StoreError::NameTaken(template.name.clone())));
+    }
+    build_if_asked(&app, &workspace, &mut template, to_build).await?;
     app.store
         .insert_template(&template)
         .map_err(name_conflict)?;
     tracing::info!(template = %template.id, name = %template.name, "template created");
-    Ok(Json(template.to_json()).into_response())
+    Ok(Json(template_json(&app, &template)?).into_response())
 }
 
 /// `GET {base}/templates/{name}`.
@@ -480,7 +648,7 @@ pub async fn get(
     Extension(workspace): Extension<Workspace>,
     Path(name): Path<String>,
 ) -> ApiResult {
-    Ok(Json(find(&app, &workspace, &name)?.to_json()).into_response())
+    Ok(Json(template_json(&app, &find(&app, &workspace, &name)?)?).into_response())
 }
 
 /// `GET {base}/templates`: `{templates: [...]}`, with `items` beside it.
@@ -488,12 +656,12 @@ pub async fn list(
     State(app): State<Arc<App>>,
     Extension(workspace): Extension<Workspace>,
 ) -> ApiResult {
-    let templates: Vec<Value> = app
+    let templates = app
         .store
         .list_templates(&workspace.0)?
         .iter()
-        .map(TemplateRecord::to_json)
-        .collect();
+        .map(|template| template_json(&app, template))
+        .collect::<Result<Vec<Value>, ApiError>>()?;
     Ok(Json(json!({"templates": templates, "items": templates})).into_response())
 }
 
@@ -507,13 +675,22 @@ pub async fn update(
 ) -> ApiResult {
     let body = json_object(&body)?;
     let mut template = find(&app, &workspace, &name)?;
-    apply_body(&app, &workspace, &body, &mut template)?;
+    let to_build = apply_body(&app, &workspace, &body, &mut template)?;
+    if template.name != name
+        && app
+            .store
+            .template_by_name(&workspace.0, &template.name)?
+            .is_some()
+    {
+        return Err(name_conflict(StoreError::NameTaken(template.name.clone())));
+    }
+    build_if_asked(&app, &workspace, &mut template, to_build).await?;
     template.updated_at = now_ms();
     app.store
         .update_template(&template)
         .map_err(name_conflict)?;
     app.pools.wake();
-    Ok(Json(template.to_json()).into_response())
+    Ok(Json(template_json(&app, &template)?).into_response())
 }
 
 /// `DELETE {base}/templates/{name}`: 409 while a pool or a sandbox made from it exists.

@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Server, KEY, OTHER_KEY};
+use common::{Server, INSECURE_ENV, KEY, OTHER_KEY};
+use cordon_testkit::registry::TestRegistry;
 use cordon_testkit::TestStateDir;
 use serde_json::{json, Value};
 
@@ -119,7 +120,8 @@ async fn templates_crud_validation_and_boxes_from_them() {
     for (body, field) in [
         (json!({"image": "system/default"}), "name"),
         (json!({"name": "t"}), "image"),
-        (json!({"name": "t", "image": "no-such-snapshot"}), "image"),
+        // Neither a snapshot nor an image reference.
+        (json!({"name": "t", "image": "No Such/Image!"}), "image"),
         (json!({"name": "T!", "image": "system/default"}), "name"),
         (
             json!({"name": "t", "image": "system/default", "resources": {"cpu": "lots"}}),
@@ -740,4 +742,140 @@ async fn tenants_pools_stay_apart() {
     assert_eq!(boxes["items"].as_array().unwrap().len(), 2);
     // Theirs: 2 claimed + 2 warm; ours all gone.
     assert_eq!(runtime_ids(dir.path()).len(), 4);
+}
+
+/// Polls the template until its snapshot build settles.
+async fn wait_template_built(server: &Server, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, template) = server.api("GET", &format!("/templates/{name}"), None).await;
+        assert_eq!(status, 200, "{template}");
+        if template["status"] != "building" {
+            return template;
+        }
+        assert!(Instant::now() < deadline, "still building: {template}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A template whose `image` is a registry image builds its own snapshot as `POST /snapshots`
+/// would: a create from it waits for the build and runs the image with its env; a pool on it
+/// fills once the build is ready; an image that cannot be pulled shows the failed build, and
+/// creates from it get its reason.
+#[tokio::test]
+async fn templates_build_their_snapshot_from_an_image() {
+    let registry = TestRegistry::open().unwrap();
+    let layout = tempfile::tempdir().unwrap();
+    cordon_testkit::oci_layout::busybox_image()
+        .write_layout(layout.path(), "busybox")
+        .unwrap();
+    let image = registry
+        .push(layout.path(), "busybox", "tools/busybox:3")
+        .unwrap();
+    let dir = TestStateDir::new();
+    let env = [
+        (INSECURE_ENV, registry.address().to_string()),
+        (common::POOL_TICK_MS_ENV, "200".to_string()),
+        (common::MAX_SANDBOXES_ENV, "8".to_string()),
+    ];
+    let server = Server::start_with(dir.path(), Server::free_port(), &env).await;
+
+    let (status, template) = server
+        .api(
+            "POST",
+            "/templates",
+            Some(json!({"name": "busy", "image": image,
+                        "resources": {"cpu": "250m", "memory": "64Mi", "storage": "64Mi"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{template}");
+    assert_eq!(template["image"], json!(image), "echoed as given");
+    let snapshot_id = template["snapshot_id"].as_str().unwrap().to_string();
+    assert!(
+        ["building", "ready"].contains(&template["status"].as_str().unwrap()),
+        "{template}"
+    );
+    let (status, snapshot) = server
+        .api("GET", &format!("/snapshots/{snapshot_id}"), None)
+        .await;
+    assert_eq!(status, 200, "{snapshot}");
+    assert_eq!(snapshot["name"], "templates/busy");
+    assert_eq!(snapshot["docker_image"], json!(image));
+    assert_eq!(
+        snapshot["fs_capacity_bytes"],
+        64 << 20,
+        "the template's storage"
+    );
+
+    // Sent at once: the create waits for the build.
+    let sandbox = create_box(
+        &server,
+        KEY,
+        json!({"template_name": "busy", "timeout": 120}),
+    )
+    .await;
+    assert_eq!(sandbox["snapshot_id"], json!(snapshot_id), "{sandbox}");
+    let (status, stdout) = exec(&sandbox, KEY, "echo $GREETING; busybox | head -1").await;
+    assert_eq!(status, 200);
+    assert!(
+        stdout.starts_with("hello from the image\nBusyBox"),
+        "{stdout:?}"
+    );
+    let template = wait_template_built(&server, "busy").await;
+    assert_eq!(template["status"], "ready", "{template}");
+    assert_eq!(template["snapshot_id"], json!(snapshot_id));
+
+    // A pool on it fills; a create then claims a warm sandbox of the built snapshot.
+    create_pool(
+        &server,
+        KEY,
+        json!({"name": "busy-pool", "template_name": "busy", "replicas": 1}),
+    )
+    .await;
+    wait_pool(&server, KEY, "busy-pool", "one ready", |p| p["ready"] == 1).await;
+    let claimed = create_box(&server, KEY, json!({"template_name": "busy"})).await;
+    let (_, stdout) = exec(&claimed, KEY, "echo $GREETING").await;
+    assert_eq!(stdout, "hello from the image\n");
+
+    // An image the registry does not have: the template shows the failed build; creates from
+    // it get the build's reason and nothing is created.
+    let missing = format!("{}/tools/nothing-here:1", registry.address());
+    let (status, broken) = server
+        .api(
+            "POST",
+            "/templates",
+            Some(json!({"name": "broken", "image": missing,
+                        "resources": {"cpu": "250m", "memory": "64Mi"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{broken}");
+    let broken = wait_template_built(&server, "broken").await;
+    assert_eq!(broken["status"], "failed", "{broken}");
+    let reason = broken["status_message"].as_str().unwrap().to_string();
+    assert!(!reason.is_empty(), "{broken}");
+    let (_, before) = server.api("GET", "/boxes", None).await;
+    let (status, error) = server
+        .api("POST", "/boxes", Some(json!({"template_name": "broken"})))
+        .await;
+    assert_eq!(status, 409, "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("failed") && message.contains(&reason),
+        "{error}"
+    );
+    let (_, after) = server.api("GET", "/boxes", None).await;
+    assert_eq!(before, after, "nothing created");
+
+    // Pointing it at the good image (PATCH) rebuilds it, and creates work again.
+    let (status, fixed) = server
+        .api("PATCH", "/templates/broken", Some(json!({"image": image})))
+        .await;
+    assert_eq!(status, 200, "{fixed}");
+    assert_ne!(fixed["snapshot_id"], broken["snapshot_id"]);
+    create_box(
+        &server,
+        KEY,
+        json!({"template_name": "broken", "timeout": 120}),
+    )
+    .await;
 }

@@ -536,11 +536,11 @@ impl Pools {
             .ok_or("its template is gone")?;
         let found = self
             .snapshots
-            .find_or_404(&pool.workspace, &template.image)
+            .find_or_404(&pool.workspace, template.snapshot_reference())
             .map_err(|e| e.to_string())?;
         let (snapshot_id, base, default_fs) = self
             .snapshots
-            .sandbox_base(found, &template.image)
+            .sandbox_base(found, template.snapshot_reference())
             .map_err(|e| e.to_string())?;
         Ok(Expected {
             snapshot_id,

@@ -29,8 +29,8 @@ use crate::{App, Workspace};
 
 type ApiResult = Result<Response, ApiError>;
 
-/// `fs_capacity_bytes` of a capture or import that names none and whose sandbox has none.
-const DEFAULT_FS_CAPACITY: u64 = 8 << 30;
+/// `fs_capacity_bytes` of a capture, import or template build that names none and whose sandbox has none.
+pub const DEFAULT_FS_CAPACITY: u64 = 8 << 30;
 /// Longest an upload may pause between two chunks.
 const UPLOAD_IDLE_LIMIT: Duration = Duration::from_secs(60);
 
@@ -137,25 +137,58 @@ pub async fn create(
     if is_system_name(&name) {
         return Err(system_is_read_only());
     }
-    let registry_id = registry_for(&app, &workspace, &image, registry_id.as_deref())?;
-    let tag = if tag.is_empty() {
-        image.tag().to_string()
-    } else {
-        tag
-    };
-    let snapshot = new_record(
-        &workspace,
+    let pull = PullRequest {
         name,
         tag,
+        docker_image,
+        image,
+        fs_capacity_bytes,
+        registry_id,
+        run_config,
+    };
+    let snapshot = start_pull(&app, &workspace, pull).await?;
+    Ok(Json(snapshot.to_json(&[])).into_response())
+}
+
+/// A validated build of a snapshot from a registry image.
+pub struct PullRequest {
+    pub name: String,
+    /// Empty for the image's own tag.
+    pub tag: String,
+    pub docker_image: String,
+    pub image: ImageReference,
+    pub fs_capacity_bytes: u64,
+    /// The registry asked for; else the workspace's registry for the image's host, if any.
+    pub registry_id: Option<String>,
+    pub run_config: RunConfig,
+}
+
+/// Records the `building` snapshot of `pull` and starts its build in the background, as
+/// `POST /snapshots` does (templates that name an image build through here too).
+pub async fn start_pull(
+    app: &App,
+    workspace: &Workspace,
+    pull: PullRequest,
+) -> Result<SnapshotRecord, ApiError> {
+    let registry_id = registry_for(app, workspace, &pull.image, pull.registry_id.as_deref())?;
+    let tag = if pull.tag.is_empty() {
+        pull.image.tag().to_string()
+    } else {
+        pull.tag
+    };
+    let snapshot = new_record(
+        workspace,
+        pull.name,
+        tag,
         BuildSource::Pull {
-            docker_image,
+            docker_image: pull.docker_image,
             registry_id,
         },
-        fs_capacity_bytes,
-        run_config,
+        pull.fs_capacity_bytes,
+        pull.run_config,
     );
     app.snapshots.insert_and_build(&snapshot).await?;
-    Ok(Json(snapshot.to_json(&[])).into_response())
+    Ok(snapshot)
 }
 
 /// The registry whose credentials a pull of `image` uses: the one asked for (which must
