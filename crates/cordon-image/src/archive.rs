@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::rc::Rc;
 
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{fcntl, openat2, FcntlArg, OFlag, OpenHow, ResolveFlag};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -138,14 +138,21 @@ impl ArchiveSource {
         let missing = || ImageError::InvalidImage(format!("the archive has no {name:?}"));
         match self {
             ArchiveSource::Dir(dir) => {
+                // O_NONBLOCK: opening a FIFO (or a device) must not wait; it is refused by
+                // the `is_file` check below and the flag is cleared for regular files.
                 let how = OpenHow::new()
-                    .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+                    .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)
                     .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
                 let file = File::from(openat2(dir.as_fd(), name, how).map_err(|_| missing())?);
                 let meta = file.metadata().context(|| format!("stat {name}"))?;
                 if !meta.is_file() {
-                    return Err(missing());
+                    return Err(ImageError::InvalidImage(format!(
+                        "{name:?} in the layout is not a regular file"
+                    )));
                 }
+                fcntl(file.as_fd(), FcntlArg::F_SETFL(OFlag::O_RDONLY))
+                    .map_err(io::Error::from)
+                    .context(|| format!("clear O_NONBLOCK on {name}"))?;
                 Ok((Box::new(file), meta.len()))
             }
             ArchiveSource::Tar { file, members } => {
@@ -153,10 +160,14 @@ impl ArchiveSource {
                 for _ in 0..=MAX_MEMBER_LINKS {
                     match members.get(&name).ok_or_else(missing)? {
                         Member::Data { offset, size } => {
+                            // `index_tar` keeps only members inside the file; checked anyway.
+                            let end = offset.checked_add(*size).ok_or_else(|| {
+                                ImageError::InvalidImage(format!("{name:?} has an invalid size"))
+                            })?;
                             let section = Section {
                                 file,
                                 pos: *offset,
-                                end: offset + size,
+                                end,
                             };
                             return Ok((Box::new(section), *size));
                         }
@@ -247,6 +258,10 @@ fn index_tar(file: &File) -> Result<HashMap<String, Member>, ImageError> {
     };
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive.entries_with_seek().map_err(invalid)?;
+    let file_len = file
+        .metadata()
+        .context(|| "stat the archive".to_string())?
+        .len();
     let mut members = HashMap::new();
     let mut count = 0u64;
     loop {
@@ -264,10 +279,17 @@ fn index_tar(file: &File) -> Result<HashMap<String, Member>, ImageError> {
         };
         use tar::EntryType as T;
         let member = match entry.header().entry_type() {
-            T::Regular | T::Continuous => Member::Data {
-                offset: entry.raw_file_position(),
-                size: entry.size(),
-            },
+            T::Regular | T::Continuous => {
+                let offset = entry.raw_file_position();
+                let size = entry.size();
+                if offset.checked_add(size).is_none_or(|end| end > file_len) {
+                    return Err(ImageError::InvalidImage(format!(
+                        "member {name:?} declares {size} bytes at offset {offset}, past the end \
+                         of the archive ({file_len} bytes)"
+                    )));
+                }
+                Member::Data { offset, size }
+            }
             T::Symlink | T::Link => {
                 let base = if entry.header().entry_type() == T::Symlink {
                     name.rsplit_once('/').map_or("", |(dir, _)| dir).to_string()

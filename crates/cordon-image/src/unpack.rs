@@ -880,33 +880,103 @@ fn clear_leaf(parent: BorrowedFd<'_>, leaf: &CString, keep_dir: bool) -> nix::Re
 
 /// Removes the directory `name` in `parent` and everything in it, fd-relative and without
 /// following any symlink (they are unlinked as entries).
+///
+/// Iterative, holding one directory fd at a time whatever the depth (an image can build trees
+/// far deeper than a path may be long, through symlinked parents): it walks down into each
+/// subdirectory and back up through `..`, checking that `..` is the directory it came from.
+/// Memory is the names still to visit, bounded by what the layer holds.
 fn remove_dir_at(parent: BorrowedFd<'_>, name: &CString) -> nix::Result<()> {
+    /// A directory being emptied: its name in its parent, its identity, and the
+    /// subdirectories still to remove.
+    struct Level {
+        name: CString,
+        id: (u64, u64),
+        subdirs: Vec<CString>,
+    }
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let dir = openat(parent, name.as_c_str(), flags, Mode::empty())?;
-    let children: Vec<(CString, bool)> = {
-        let mut listing = nix::dir::Dir::from_fd(
-            dir.try_clone()
-                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?,
-        )?;
-        listing
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|entry| !matches!(entry.file_name().to_bytes(), b"." | b".."))
-            .map(|entry| {
-                let is_dir = entry.file_type() == Some(nix::dir::Type::Directory);
-                (entry.file_name().to_owned(), is_dir)
-            })
-            .collect()
-    };
-    for (child, is_dir) in children {
-        if is_dir {
-            remove_dir_at(dir.as_fd(), &child)?;
-        } else {
-            unlinkat(dir.as_fd(), child.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+    let (mut dir, top) = enter_dir(parent, name, flags)?;
+    let mut levels = vec![top];
+    loop {
+        let Some(level) = levels.last_mut() else {
+            return Ok(());
+        };
+        if let Some(child) = level.subdirs.pop() {
+            let (child_dir, child_level) = enter_dir(dir.as_fd(), &child, flags)?;
+            dir = child_dir;
+            levels.push(child_level);
+            continue;
+        }
+        // Empty now: step up and remove it.
+        let done = levels.pop().ok_or(Errno::EIO)?;
+        match levels.last() {
+            None => {
+                drop(dir);
+                return unlinkat(parent, done.name.as_c_str(), UnlinkatFlags::RemoveDir);
+            }
+            Some(up) => {
+                let up_dir = openat(dir.as_fd(), c"..", flags, Mode::empty())?;
+                let stat = fstat(up_dir.as_fd())?;
+                if (stat.st_dev as u64, stat.st_ino as u64) != up.id {
+                    // Something moved the tree while it was being removed.
+                    return Err(Errno::ESTALE);
+                }
+                dir = up_dir;
+                unlinkat(dir.as_fd(), done.name.as_c_str(), UnlinkatFlags::RemoveDir)?;
+            }
         }
     }
-    drop(dir);
-    unlinkat(parent, name.as_c_str(), UnlinkatFlags::RemoveDir)
+
+    /// Opens the directory `name` in `parent` (no-follow), unlinks every non-directory in it
+    /// and lists its subdirectories.
+    fn enter_dir(
+        parent: BorrowedFd<'_>,
+        name: &CString,
+        flags: OFlag,
+    ) -> nix::Result<(OwnedFd, Level)> {
+        let dir = openat(parent, name.as_c_str(), flags, Mode::empty())?;
+        let stat = fstat(dir.as_fd())?;
+        let children: Vec<(CString, Option<bool>)> = {
+            let mut listing = nix::dir::Dir::from_fd(
+                dir.try_clone()
+                    .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?,
+            )?;
+            let mut children = Vec::new();
+            for entry in listing.iter() {
+                let entry = entry?;
+                if matches!(entry.file_name().to_bytes(), b"." | b"..") {
+                    continue;
+                }
+                let is_dir = entry
+                    .file_type()
+                    .map(|kind| kind == nix::dir::Type::Directory);
+                children.push((entry.file_name().to_owned(), is_dir));
+            }
+            children
+        };
+        let mut subdirs = Vec::new();
+        for (child, is_dir) in children {
+            let is_dir = match is_dir {
+                Some(is_dir) => is_dir,
+                // DT_UNKNOWN: ask the inode.
+                None => {
+                    let stat =
+                        fstatat(dir.as_fd(), child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                }
+            };
+            if is_dir {
+                subdirs.push(child);
+            } else {
+                unlinkat(dir.as_fd(), child.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
+            }
+        }
+        let level = Level {
+            name: name.clone(),
+            id: (stat.st_dev as u64, stat.st_ino as u64),
+            subdirs,
+        };
+        Ok((dir, level))
+    }
 }
 
 #[cfg(test)]
@@ -953,5 +1023,90 @@ mod tests {
         assert_eq!(sandbox_id(65535), 65535);
         assert_eq!(sandbox_id(65536), NOBODY);
         assert_eq!(sandbox_id(u64::MAX), NOBODY);
+    }
+}
+
+#[cfg(test)]
+mod remove_tests {
+    use super::*;
+
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        OwnedFd::from(File::open(path).unwrap())
+    }
+
+    /// A tree deeper than the fd limit (as symlinked parents let an image build) is removed
+    /// with a bounded number of fds, and no symlink in it is followed.
+    #[test]
+    fn a_tree_deeper_than_the_fd_limit_is_removed_without_following_links() {
+        const DEPTH: usize = 3000;
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"keep").unwrap();
+        let root = open_dir(tmp.path());
+        let top = cstring(b"top");
+        let mut dir = create_dir_at(root.as_fd(), &top).unwrap();
+        for depth in 0..DEPTH {
+            if depth % 500 == 0 {
+                let file = cstring(b"f");
+                let fd = openat(
+                    dir.as_fd(),
+                    file.as_c_str(),
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .unwrap();
+                drop(fd);
+                symlinkat(outside.as_path(), dir.as_fd(), c"link").unwrap();
+                mkdirat(dir.as_fd(), c"sibling", Mode::from_bits_truncate(0o700)).unwrap();
+            }
+            dir = create_dir_at(dir.as_fd(), &cstring(b"d")).unwrap();
+        }
+        drop(dir);
+
+        // Well under DEPTH: one fd per level would run out.
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid pointers to live rlimit structs.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+            let low = libc::rlimit {
+                rlim_cur: old.rlim_cur.min(512),
+                rlim_max: old.rlim_max,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+        }
+        let result = remove_dir_at(root.as_fd(), &top);
+        // SAFETY: as above.
+        unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &old), 0) };
+        result.unwrap();
+
+        assert!(!tmp.path().join("top").exists());
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn removing_a_missing_or_non_directory_name_fails_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("file"), b"").unwrap();
+        std::os::unix::fs::symlink(tmp.path(), tmp.path().join("link")).unwrap();
+        let root = open_dir(tmp.path());
+        assert_eq!(
+            remove_dir_at(root.as_fd(), &cstring(b"missing")),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            remove_dir_at(root.as_fd(), &cstring(b"file")),
+            Err(Errno::ENOTDIR)
+        );
+        // O_NOFOLLOW | O_DIRECTORY: a symlink is not a directory here.
+        assert_eq!(
+            remove_dir_at(root.as_fd(), &cstring(b"link")),
+            Err(Errno::ENOTDIR)
+        );
+        assert!(tmp.path().join("file").exists());
+        assert!(tmp.path().join("link").symlink_metadata().is_ok());
     }
 }

@@ -373,3 +373,57 @@ fn concurrent_imports_of_the_same_image_share_one_copy() {
         "staging debris left"
     );
 }
+
+/// An OCI layout tar whose last member is `index.json` declaring `size` bytes.
+fn layout_tar_with_index_size(size: u64) -> Vec<u8> {
+    RawTar::new()
+        .file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644)
+        .file_declaring_size("index.json", size, b"{}")
+        .finish()
+}
+
+#[test]
+fn a_member_declaring_more_bytes_than_the_archive_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::open(dir.path().join("layers")).unwrap();
+    // Sizes past 8 GiB are written base-256; u64::MAX - 1024 is the largest the tar crate
+    // lets through without overflowing its own next-header offset.
+    for size in [1 << 40, 1 << 62, u64::MAX - 1024, u64::MAX] {
+        let path = dir.path().join("huge.tar");
+        fs::write(&path, layout_tar_with_index_size(size)).unwrap();
+        match import_archive(&store, &path, &limits()) {
+            Err(ImageError::InvalidImage(reason)) => assert!(
+                reason.contains("past the end") || reason.contains("overflow"),
+                "{size}: {reason}"
+            ),
+            other => panic!("{size}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_fifo_in_a_layout_directory_is_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    test_image().write_layout(&layout, "busybox:1").unwrap();
+    fs::remove_file(layout.join("index.json")).unwrap();
+    let status = Command::new("mkfifo")
+        .arg(layout.join("index.json"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let store = LayerStore::open(dir.path().join("layers")).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(import_archive(&store, &layout, &limits()).map(|_| ()));
+    });
+    let result = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the import hung on a FIFO");
+    match result {
+        Err(ImageError::InvalidImage(reason)) => {
+            assert!(reason.contains("index.json"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
