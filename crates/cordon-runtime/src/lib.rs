@@ -19,6 +19,8 @@ mod layer_copy;
 pub mod loopdev;
 mod namespace;
 #[doc(hidden)]
+pub mod newmount;
+#[doc(hidden)]
 pub mod plan;
 mod spec;
 

@@ -19,8 +19,7 @@
 //! and thawed afterwards whatever happened; a kill and an adoption thaw too, should the host
 //! process die mid-copy. The copy itself (`crate::layer_copy`) trusts nothing in the tree.
 
-use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -164,8 +163,8 @@ fn open_image_upper(image: &Path, running: bool) -> Result<Upper, RuntimeError> 
                 .1
         }
     };
-    let mount =
-        mount_detached_ext4(&device).context(|| format!("mount {} (ext4)", image.display()))?;
+    let mount = mount_detached_ext4(&device, running)
+        .context(|| format!("mount {} (ext4)", image.display()))?;
     Ok(Upper {
         dir: open_upper_in(mount.as_fd(), image)?,
         _mount: Some(mount),
@@ -173,68 +172,23 @@ fn open_image_upper(image: &Path, running: bool) -> Result<Upper, RuntimeError> 
     })
 }
 
-const FSOPEN_CLOEXEC: libc::c_uint = 1;
-const FSCONFIG_SET_STRING: libc::c_uint = 1;
-const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
-const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
-const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
-
-fn syscall_fd(ret: libc::c_long) -> std::io::Result<OwnedFd> {
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
-}
-
 /// Mounts the ext4 filesystem on `device` read-only, nosuid, nodev and noexec as a detached
 /// mount: only the returned fd reaches it, and closing it unmounts.
-fn mount_detached_ext4(device: &OwnedFd) -> std::io::Result<OwnedFd> {
+///
+/// A stopped sandbox's image gets a superblock of its own, created read-only (`ro`), so ext4
+/// does not open it for writing (no orphan processing, no write-back; a dirty journal is still
+/// replayed, as the sandbox's next start would, since a read-only mount of an unclean ext4 needs
+/// it for a consistent tree). A running sandbox's device already has a read-write superblock,
+/// which ext4 hands back instead of creating one; asking for `ro` there would be refused
+/// (`EBUSY`: the read-only flag must match the existing superblock's), so only the mount is
+/// read-only.
+fn mount_detached_ext4(device: &OwnedFd, running: bool) -> std::io::Result<OwnedFd> {
     // The fd's magic link names exactly the device we checked, whatever /dev holds now.
-    let source = CString::new(format!("/proc/self/fd/{}", device.as_raw_fd()))
-        .map_err(std::io::Error::other)?;
-    // SAFETY: valid C strings; fsopen returns a new fd.
-    let context =
-        syscall_fd(unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) })?;
-    // SAFETY: valid fd and C strings, as documented for fsconfig(2).
-    let configured = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            context.as_raw_fd(),
-            FSCONFIG_SET_STRING,
-            c"source".as_ptr(),
-            source.as_ptr(),
-            0,
-        )
-    };
-    if configured < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above; CMD_CREATE takes no key or value.
-    let created = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            context.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_char>(),
-            0,
-        )
-    };
-    if created < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
-    // SAFETY: a configured fs context fd; fsmount returns a new fd.
-    syscall_fd(unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            context.as_raw_fd(),
-            FSMOUNT_CLOEXEC,
-            attrs,
-        )
-    })
+    let source = format!("/proc/self/fd/{}", device.as_raw_fd());
+    let params: &[crate::newmount::FsParam<'_>] = if running { &[] } else { &[("ro", None)] };
+    let attrs = libc::MOUNT_ATTR_RDONLY
+        | libc::MOUNT_ATTR_NOSUID
+        | libc::MOUNT_ATTR_NODEV
+        | libc::MOUNT_ATTR_NOEXEC;
+    crate::newmount::new_fs("ext4", &source, params, attrs)
 }

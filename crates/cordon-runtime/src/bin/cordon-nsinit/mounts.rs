@@ -323,7 +323,7 @@ fn mount_point(plan: &LaunchPlan, root: BorrowedFd<'_>, name: &str) -> Result<Ow
 }
 
 /// "a=b,c" → `[("a", Some("b")), ("c", None)]`.
-fn fs_params(options: &str) -> Vec<sys::FsParam<'_>> {
+fn fs_params(options: &str) -> Vec<cordon_runtime::newmount::FsParam<'_>> {
     options
         .split(',')
         .filter(|option| !option.is_empty())
@@ -343,7 +343,7 @@ fn attach_new_fs(
     target: BorrowedFd<'_>,
     shown: &str,
 ) -> Result<OwnedFd> {
-    let mount = sys::new_fs(fstype, &fs_params(options), attrs)
+    let mount = cordon_runtime::newmount::new_fs(fstype, fstype, &fs_params(options), attrs)
         .with_context(|| format!("create a {fstype} for {shown}"))?;
     sys::attach_tree_at(mount.as_fd(), target)
         .with_context(|| format!("mount {fstype} on {shown}"))?;
