@@ -199,7 +199,7 @@ pub async fn mint(
         .store
         .find(&workspace.0, &name)?
         .ok_or_else(|| ApiError::NotFound(format!("Sandbox '{name}' not found")))?;
-    let now = crate::service_urls::unix_now();
+    let now = crate::model::now_secs();
     let claims = LinkClaims {
         aud: AUDIENCE.into(),
         sub: record.id,
@@ -290,8 +290,7 @@ async fn serve_file(
         .map_err(|e| ApiError::AgentUnreachable(e.to_string()))?;
     let (parts, body) = response.into_parts();
     if !(parts.status.is_success() || parts.status == StatusCode::NOT_MODIFIED) {
-        let response = Response::from_parts(parts, Body::new(body));
-        return Ok(with_link_headers(response));
+        return Ok(with_link_headers(agent_error(&parts, Body::new(body))));
     }
     let mut out = Response::builder().status(parts.status);
     for name in FORWARDED_RESPONSE_HEADERS {
@@ -315,6 +314,30 @@ async fn serve_file(
         .body(Body::new(body))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(with_link_headers(response))
+}
+
+/// The agent's refusal (a missing file, a directory…) as this origin's answer: its status and
+/// body only. None of the sandbox's other headers (`Set-Cookie` among them) reach the server's
+/// origin; the body is labelled JSON when the agent said so, plain text otherwise.
+fn agent_error(parts: &http::response::Parts, body: Body) -> Response {
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    let content_type = if json {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = parts.status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
+        headers.insert(header::CONTENT_LENGTH, length.clone());
+    }
+    response
 }
 
 /// Headers every link answer carries: whatever the file holds, it runs in no origin.
@@ -388,6 +411,39 @@ fn query_encode(value: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn agent_errors_keep_only_status_and_body() {
+        let upstream = http::Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(header::SET_COOKIE, "session=x; Path=/")
+            .header(header::LOCATION, "https://evil.example/")
+            .header("access-control-allow-origin", "*")
+            .header(header::CONTENT_TYPE, "text/html")
+            .header(header::CONTENT_LENGTH, "9")
+            .body(())
+            .unwrap();
+        let (parts, ()) = upstream.into_parts();
+        let response = with_link_headers(agent_error(&parts, Body::from("not found")));
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let mut names: Vec<&str> = response.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "cache-control",
+                "content-length",
+                "content-security-policy",
+                "content-type",
+                "referrer-policy",
+                "x-content-type-options",
+            ]
+        );
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+    }
+
     fn mint_body(value: serde_json::Value) -> Result<MintRequest, ApiError> {
         parse_mint(value.to_string().as_bytes())
     }
@@ -437,7 +493,7 @@ mod tests {
             let key = EncodingKey::from_secret(&secret.0);
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
         };
-        let now = crate::service_urls::unix_now();
+        let now = crate::model::now_secs();
         assert_eq!(verify(&secret, &sign(&secret, None)).unwrap().path, "/p");
         assert!(verify(&secret, &sign(&secret, Some(now + 60))).is_ok());
         assert!(verify(&secret, &sign(&secret, Some(now - 1))).is_err());

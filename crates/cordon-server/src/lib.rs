@@ -130,6 +130,8 @@ pub struct App {
     download_secret: download_links::LinkSecret,
     /// `--service-domain`, validated and lower-cased.
     service_domain: Option<String>,
+    /// The tunnels open to each sandbox (bounded per sandbox).
+    tunnels: tunnel::TunnelSlots,
 }
 
 /// What a graceful shutdown has to reach: the spliced WebSockets, which outlive their HTTP
@@ -433,6 +435,7 @@ pub async fn serve_until(
         signing_keys,
         download_secret,
         service_domain,
+        tunnels: tunnel::TunnelSlots::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -130,6 +130,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the Unix epoch, now (token `iat`/`exp`, key rotation).
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
 /// `2026-01-02T03:04:05.678000+00:00`: an offset rather than `Z`, which older Pythons'
 /// `datetime.fromisoformat` refuse.
 pub fn iso8601(ms: u64) -> String {

@@ -10,7 +10,7 @@
 //! `{port}--{id}.{domain}` (host-based: what `SandboxTokenVerifier` expects as audience).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Request, State};
@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 use crate::control::json_object;
 use crate::error::{ApiError, FieldError};
 use crate::forwarding::{strip_hop_by_hop, wants_upgrade};
+use crate::model::now_secs;
 use crate::port_forward::PortError;
 use crate::signing_keys::{TokenError, MAX_TOKEN_LIFETIME};
 use crate::validate::Fields;
@@ -99,12 +100,6 @@ pub fn check_service_domain(domain: &str) -> Option<String> {
         });
     let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
     (host_ok && port_ok).then_some(domain)
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, which every client parses (spec §5.1).
@@ -259,7 +254,7 @@ pub async fn mint(
     let public = app.public_base(&headers);
     let domain = app.service_domain.as_deref();
     let base = service_base_url(&public, domain, &service);
-    let now = unix_now();
+    let now = now_secs();
     let claims = ServiceClaims {
         iss: public,
         aud: service.audiences(domain).pop().unwrap_or_default(),
@@ -488,7 +483,20 @@ fn start_browser_session(
 ) -> Result<Response, ApiError> {
     let claims = verify(app, &routed.service, token)?;
     let cookie = session_cookie(routed, token, &claims, false);
-    Ok(redirect(&format!("{}{rest}", routed.prefix), Some(cookie)))
+    Ok(redirect(
+        &browser_location(&routed.prefix, rest),
+        Some(cookie),
+    ))
+}
+
+/// Where `browser_url` sends the browser on: always a path of this origin. With host-based
+/// routing the prefix is empty, and a target such as `//evil.com` or `/\evil.com` would
+/// otherwise be a network-path reference to another host; its leading run of slashes and
+/// backslashes collapses to one `/`.
+fn browser_location(prefix: &str, rest: &str) -> String {
+    let location = format!("{prefix}{rest}");
+    let path = location.trim_start_matches(['/', '\\']);
+    format!("/{path}")
 }
 
 fn redirect(location: &str, cookie: Option<HeaderValue>) -> Response {
@@ -516,7 +524,7 @@ fn session_cookie(
     claims: &ServiceClaims,
     framed: bool,
 ) -> HeaderValue {
-    let max_age = claims.exp.saturating_sub(unix_now());
+    let max_age = claims.exp.saturating_sub(now_secs());
     let same_site = if framed {
         "None; Secure"
     } else if routed.https {
@@ -738,6 +746,22 @@ mod tests {
     use super::*;
 
     const ID: &str = "0b6f3c52-8a4e-4c1e-9d2a-7f0e1b2c3d4e";
+
+    #[test]
+    fn browser_locations_stay_on_this_origin() {
+        for (prefix, rest, location) in [
+            ("", "/", "/"),
+            ("", "/a/b?x=1", "/a/b?x=1"),
+            ("", "//evil.com", "/evil.com"),
+            ("", "/\\evil.com", "/evil.com"),
+            ("", "\\/\\evil.com/x", "/evil.com/x"),
+            ("", "", "/"),
+            ("/svc/x/80", "//evil.com", "/svc/x/80//evil.com"),
+            ("/svc/x/80", "/", "/svc/x/80/"),
+        ] {
+            assert_eq!(browser_location(prefix, rest), location, "{prefix}{rest}");
+        }
+    }
 
     #[test]
     fn parses_mint_requests() {

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use crate::model::now_secs;
 
 /// The longest lifetime of a token these keys sign (spec §5.1: `expires_in_seconds` ≤ 86400).
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
@@ -128,12 +130,6 @@ fn thumbprint(key: &SigningKey) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The server's signing keys, newest last.
 pub struct SigningKeys {
     path: PathBuf,
@@ -193,7 +189,7 @@ impl SigningKeys {
             .ok_or(TokenError::UnknownKey)?;
         let public = {
             let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            let now = unix_now();
+            let now = now_secs();
             keys.iter()
                 .filter(|k| k.forgettable_after().is_none_or(|t| now <= t))
                 .find(|k| k.stored.kid == kid)
@@ -222,7 +218,7 @@ impl SigningKeys {
         f: impl FnOnce(&[Key]) -> Result<R, KeyError>,
     ) -> Result<R, KeyError> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let now = unix_now();
+        let now = now_secs();
         let before = keys.len();
         keys.retain(|k| k.forgettable_after().is_none_or(|t| now <= t));
         let mut changed = keys.len() != before;
@@ -323,7 +319,7 @@ mod tests {
         Claims {
             sub: "s".into(),
             aud: "a".into(),
-            exp: unix_now() + 600,
+            exp: now_secs() + 600,
         }
     }
 
@@ -366,7 +362,7 @@ mod tests {
         let forged = Claims {
             aud: "a".into(),
             sub: "other".into(),
-            exp: unix_now() + 600,
+            exp: now_secs() + 600,
         };
         parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
         assert!(keys
@@ -408,7 +404,7 @@ mod tests {
             let mut stored = keys.keys.lock().unwrap();
             let limit = MAX_TOKEN_LIFETIME.as_secs() + VERIFIER_LEEWAY.as_secs();
             for key in stored.iter_mut().filter(|k| k.stored.retired_at.is_some()) {
-                key.stored.retired_at = Some(unix_now() - limit - 1);
+                key.stored.retired_at = Some(now_secs() - limit - 1);
             }
         }
         assert!(matches!(

@@ -36,6 +36,13 @@ use crate::{dataplane, App, Workspace};
 
 /// Most streams (TCP connections) open at once on one tunnel; more are reset.
 pub(crate) const MAX_STREAMS_PER_TUNNEL: usize = 256;
+/// Most tunnels open at once to one sandbox; another upgrade gets 429. Each tunnel's yamux
+/// session may buffer up to its connection receive window, so this bounds what one sandbox's
+/// tunnels can hold in the server's memory.
+pub(crate) const MAX_TUNNELS_PER_SANDBOX: usize = 8;
+/// Streams yamux itself tolerates beyond [`MAX_STREAMS_PER_TUNNEL`]: the ones we reset linger
+/// in its table until collected, and past its limit it ends the whole session.
+const YAMUX_STREAM_HEADROOM: usize = MAX_STREAMS_PER_TUNNEL / 8;
 /// Largest WebSocket message the server sends (spec §4.2: ≤ 1 MiB).
 const MAX_OUTBOUND_MESSAGE: usize = 1 << 20;
 /// Largest message accepted: the client writes one yamux frame per message, and yamux frames
@@ -72,6 +79,13 @@ pub async fn open(
                 .into_response()
         }
     };
+    // Held until the session ends; dropped with the closure if the upgrade never completes.
+    let Some(slot) = app.tunnels.take(&id) else {
+        return ApiError::Quota(format!(
+            "at most {MAX_TUNNELS_PER_SANDBOX} tunnels may be open to one sandbox"
+        ))
+        .into_response();
+    };
     // Counted by the shutdown, which waits (bounded) for each tunnel's go-away.
     let tracked = app.shutdown.upgrades.token();
     upgrade
@@ -80,18 +94,69 @@ pub async fn open(
         .on_upgrade(move |socket| async move {
             run_session(app, id, socket).await;
             drop(tracked);
+            drop(slot);
         })
+}
+
+/// The tunnels open to each sandbox, at most [`MAX_TUNNELS_PER_SANDBOX`] apiece; an entry
+/// lives while one of its sandbox's tunnels does.
+#[derive(Default)]
+pub(crate) struct TunnelSlots {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl TunnelSlots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One of the sandbox's tunnels, or `None` when it has them all.
+    pub(crate) fn take(&self, sandbox_id: &str) -> Option<TunnelSlot> {
+        let mut open = self.lock();
+        let count = open.entry(sandbox_id.to_string()).or_insert(0);
+        if *count >= MAX_TUNNELS_PER_SANDBOX {
+            return None;
+        }
+        *count += 1;
+        Some(TunnelSlot {
+            open: self.open.clone(),
+            sandbox_id: sandbox_id.to_string(),
+        })
+    }
+}
+
+/// One open tunnel's place among its sandbox's; given back on drop.
+pub(crate) struct TunnelSlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    sandbox_id: String,
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.sandbox_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.sandbox_id);
+            }
+        }
+    }
 }
 
 fn yamux_config() -> yamux::Config {
     let mut config = yamux::Config::default();
     // The crate ends the whole session past its own limit; ours, below it, resets only the
     // stream that is one too many.
-    config.set_max_num_streams(2 * MAX_STREAMS_PER_TUNNEL);
-    // Every stream keeps at least the 256 KiB of the spec; a little room to grow beyond it.
-    config.set_max_connection_receive_window(Some(
-        2 * MAX_STREAMS_PER_TUNNEL * yamux::DEFAULT_CREDIT as usize + (32 << 20),
-    ));
+    let max_streams = MAX_STREAMS_PER_TUNNEL + YAMUX_STREAM_HEADROOM;
+    config.set_max_num_streams(max_streams);
+    // What one session may buffer: every stream keeps the 256 KiB of the spec, and yamux
+    // requires no less (`>= max_num_streams * DEFAULT_CREDIT`, asserted on set), so ~72 MiB.
+    config.set_max_connection_receive_window(Some(max_streams * yamux::DEFAULT_CREDIT as usize));
     config.set_split_send_size(64 * 1024);
     config
 }
@@ -395,5 +460,32 @@ impl futures::AsyncWrite for WsBytes {
             this.closing = true;
         }
         socket.poll_close(cx).map_err(io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yamux_config_meets_the_crates_own_bounds() {
+        // The crate asserts its window against its stream limit: this must not panic.
+        let _ = yamux_config();
+    }
+
+    #[test]
+    fn tunnels_per_sandbox_are_bounded_and_given_back() {
+        let slots = TunnelSlots::default();
+        let mut held: Vec<TunnelSlot> = (0..MAX_TUNNELS_PER_SANDBOX)
+            .map(|_| slots.take("a").expect("a slot"))
+            .collect();
+        assert!(slots.take("a").is_none());
+        // Another sandbox has its own.
+        let other = slots.take("b").expect("another sandbox's slot");
+        held.pop();
+        let again = slots.take("a").expect("a slot given back");
+        assert!(slots.take("a").is_none());
+        drop((held, again, other));
+        assert!(slots.lock().is_empty());
     }
 }

@@ -486,6 +486,25 @@ async fn host_based_service_urls() {
         cookie.contains("Path=/;") && !cookie.contains("Domain"),
         "{cookie}"
     );
+    // With no prefix, a target naming another host still lands on this one.
+    for (target, location) in [
+        ("//evil.com", "/evil.com"),
+        ("///evil.com/a", "/evil.com/a"),
+        ("/\\evil.com", "/evil.com"),
+        ("/%5C/evil.com", "/%5C/evil.com"),
+    ] {
+        let (status, headers, _) = request_as_host(
+            &server,
+            &host,
+            "GET",
+            &format!("{target}?cordon_service_token={token}"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(status, 303, "{target}");
+        assert_eq!(headers["location"], location, "{target}");
+    }
 
     // The token of another host (another port) is refused here.
     let other = mint(&server, "hosted", json!({"port": APP_PORT + 1})).await;
@@ -609,6 +628,23 @@ async fn download_links_serve_one_file_with_ranges_and_pinned_headers() {
     .unwrap();
     assert_eq!(status, 404);
     assert_eq!(headers["content-security-policy"], "sandbox");
+    // Only the status and body of the agent's answer, under the link's own headers.
+    for name in headers.keys() {
+        assert!(
+            [
+                "cache-control",
+                "content-length",
+                "content-security-policy",
+                "content-type",
+                "date",
+                "referrer-policy",
+                "transfer-encoding",
+                "x-content-type-options",
+            ]
+            .contains(&name.as_str()),
+            "unexpected header {name}"
+        );
+    }
 
     // Bad requests change nothing.
     for bad in [

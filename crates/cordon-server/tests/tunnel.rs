@@ -150,6 +150,58 @@ async fn pings_go_away_and_a_stopped_sandbox() {
 }
 
 #[tokio::test]
+async fn tunnels_per_sandbox_are_bounded() {
+    const MAX_TUNNELS: usize = 8;
+    let dir = TestStateDir::new();
+    let server = Server::start(dir.path()).await;
+    let sandbox = server.create(json!({"name": "many"})).await;
+    let dp = sandbox["dataplane_url"].as_str().unwrap().to_string();
+
+    let mut open = Vec::new();
+    for _ in 0..MAX_TUNNELS {
+        open.push(open_tunnel(&dp).await);
+    }
+    // One more is refused before the upgrade, with the spec's error body.
+    let (status, body) = upgrade_status(&dp, KEY).await;
+    assert_eq!(status, 429);
+    let body: Value = serde_json::from_slice(&body.expect("an error body")).unwrap();
+    assert_eq!(body["detail"]["error"], "QuotaExceeded", "{body}");
+
+    // Closing one gives its place back (once the server has seen the close).
+    let mut closing = open.pop().unwrap();
+    closing.close(None).await.unwrap();
+    while let Some(Ok(_)) = closing.next().await {}
+    let reopened = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match upgrade_status(&dp, KEY).await.0 {
+                101 => break,
+                429 => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        reopened.is_ok(),
+        "a closed tunnel's place was not given back"
+    );
+    // (upgrade_status dropped that tunnel at once; wait for its place too, then fill it.)
+    let last = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokio_tungstenite::connect_async(tunnel_request(&dp, KEY)).await {
+                Ok((socket, _)) => break socket,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("the place of a dropped tunnel");
+    open.push(last);
+    assert_eq!(upgrade_status(&dp, KEY).await.0, 429);
+    drop(open);
+}
+
+#[tokio::test]
 async fn a_server_shutdown_sends_go_away_then_closes_with_1001() {
     let dir = TestStateDir::new();
     let mut server = Server::start(dir.path()).await;
