@@ -8,6 +8,7 @@ pub mod agent;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod proxy_config;
 pub mod run_config;
 pub mod tunnel;
 
