@@ -1,23 +1,31 @@
-//! Pulling images from OCI registries (the distribution protocol, through `oci-client`):
-//! anonymous, token and basic auth; plain HTTP only for registries the operator marks
-//! insecure; manifest lists resolved to linux/amd64; every layer unpacked safely into the
-//! [`LayerStore`], shared with other images that have it.
+//! Pulling images from OCI registries (the distribution protocol, spoken here over `reqwest`;
+//! `oci-client` gives the reference and manifest types): anonymous, token and basic auth;
+//! plain HTTP only for registries the operator marks insecure; manifest lists resolved to
+//! linux/amd64; every layer unpacked safely into the [`LayerStore`], shared with other images
+//! that have it.
+//!
+//! The registry is chosen by the tenant, so it is treated as hostile: every body it sends is
+//! read against a bound (manifests 4 MiB, token answers 1 MiB, error bodies cut at 64 KiB,
+//! blobs to their declared size), and every connection the pull makes (registry, token realm,
+//! redirects) goes to public addresses only, checked on the resolved address actually used
+//! (`cordon_proxy::classify_ip`), unless the operator named the registry:
+//! `--insecure-registry` (plain HTTP, any address) or `--internal-registry` (HTTPS, any
+//! address). Only the named registry's own host is exempt, never its realm or redirects
+//! elsewhere.
 
 use std::error::Error as StdError;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use cordon_api::RunConfig;
-use futures::StreamExt;
-use oci_client::client::{
-    linux_amd64_resolver, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
-use oci_client::errors::{DigestError, OciDistributionError, OciEnvelope, OciErrorCode};
+use oci_client::client::linux_amd64_resolver;
+use oci_client::errors::{OciEnvelope, OciErrorCode};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
@@ -33,6 +41,10 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
     /// PEM certificates trusted for registries besides the system roots (`--registry-ca`).
     pub extra_root_pems: Vec<Vec<u8>>,
+    /// `host[:port]` of HTTPS registries allowed on internal addresses (loopback, private,
+    /// link-local...: `--internal-registry`). Insecure registries are allowed there too; any
+    /// other registry, token realm or redirect target must resolve to public addresses.
+    pub internal_registries: Vec<String>,
 }
 
 /// Basic-auth credentials for a private registry (also used to obtain a bearer token).
@@ -82,6 +94,21 @@ const MAX_LAYERS: usize = 128;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest silence while reading a response; the whole pull is bounded by the caller.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest manifest or index read (Docker's own limit is 4 MiB as well).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest token-endpoint answer read (real ones are a few KiB).
+const MAX_TOKEN_BYTES: u64 = 1 << 20;
+/// Most of an error answer's body read for its message; the rest is never read.
+const MAX_ERROR_BODY_BYTES: u64 = 64 << 10;
+/// Redirects followed for one request (blob downloads are commonly sent to a CDN).
+const MAX_REDIRECTS: usize = 5;
+/// Parameters parsed from one `WWW-Authenticate` challenge.
+const MAX_CHALLENGE_PARAMS: usize = 16;
+/// The manifest types a pull accepts (Docker schema 1 is not among them).
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json";
 /// Downloads go into `<store root>/.staging-<pid>-<random>/blob`: inside the store, so a
 /// crash leaves debris only there, named like the store's own staging dirs so that the next
 /// [`LayerStore::open`] removes what a dead process left.
@@ -228,13 +255,30 @@ struct Download {
     path: PathBuf,
 }
 
+/// How the pull authenticates: learned from the registry's first challenge (a 401 with
+/// `WWW-Authenticate`), then sent with every later request of the pull.
+enum Authorization {
+    Basic(RegistryCredentials),
+    Bearer(String),
+}
+
 /// One image in one registry, and a client configured to reach it.
+///
+/// The distribution protocol is spoken here rather than through `oci-client`'s `Client`,
+/// which reads manifests, token answers and error bodies whole into memory: a registry is
+/// chosen by the tenant, so every body it sends is read against a bound, and every address
+/// it (or its token realm, or a redirect) leads to passes [`AddressGuard`].
 struct Remote {
-    client: Client,
+    http: reqwest::Client,
     reference: Reference,
-    auth: RegistryAuth,
-    /// `host[:port]` as the client resolves it (`index.docker.io` for Docker Hub).
+    credentials: Option<RegistryCredentials>,
+    /// `host[:port]` as references name it (`index.docker.io` for Docker Hub).
     registry: String,
+    /// `https://host[:port]`, or `http://…` for a registry marked insecure.
+    base: String,
+    guard: AddressGuard,
+    /// `None` until a challenge was answered.
+    authorization: Mutex<Option<Arc<Authorization>>>,
 }
 
 impl Remote {
@@ -254,25 +298,35 @@ impl Remote {
                     },
                 )?;
         let registry = parsed.resolve_registry().to_string();
+        let insecure = config.insecure_registries.contains(&registry);
+        let base = format!("{}://{registry}", if insecure { "http" } else { "https" });
+        let host = reqwest::Url::parse(&base)
+            .ok()
+            .and_then(|url| url.host_str().map(bare_host))
+            .ok_or_else(|| ImageError::InvalidReference {
+                reference: reference.to_string(),
+                reason: format!("{registry:?} is not a registry host"),
+            })?;
+        let trusted = insecure || config.internal_registries.contains(&registry);
+        let guard = AddressGuard {
+            trusted_host: trusted.then_some(host),
+            plain_http_allowed: insecure,
+        };
         Ok(Remote {
-            client: registry_client(config, &registry)?,
-            auth: match credentials {
-                Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-                None => RegistryAuth::Anonymous,
-            },
+            http: registry_client(config, &registry, &guard)?,
+            credentials: credentials.cloned(),
             reference: parsed,
             registry,
+            base,
+            guard,
+            authorization: Mutex::new(None),
         })
     }
 
     /// The image manifest to run: the reference's own, or its linux/amd64 entry when it names
     /// an index (manifest list). Returns it with its digest.
     async fn linux_amd64_manifest(&self) -> Result<(OciImageManifest, String), ImageError> {
-        let (manifest, digest) = self
-            .client
-            .pull_manifest(&self.reference, &self.auth)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let (manifest, digest) = self.manifest(&self.reference).await?;
         let index = match manifest {
             OciManifest::Image(manifest) => return Ok((manifest, digest)),
             OciManifest::ImageIndex(index) => index,
@@ -284,18 +338,70 @@ impl Remote {
             });
         };
         let by_digest = self.reference.clone_with_digest(platform_digest.clone());
-        match self
-            .client
-            .pull_manifest(&by_digest, &self.auth)
-            .await
-            .map_err(|e| self.classify(e))?
-        {
+        match self.manifest(&by_digest).await? {
             (OciManifest::Image(manifest), _) => Ok((manifest, platform_digest)),
             (OciManifest::ImageIndex(_), _) => Err(ImageError::InvalidImage(format!(
                 "index of {}: its linux/amd64 entry {platform_digest} is another index",
                 self.reference
             ))),
         }
+    }
+
+    /// One manifest or index (at most [`MAX_MANIFEST_BYTES`]), checked against the digest
+    /// the reference names; returned with its digest.
+    async fn manifest(&self, reference: &Reference) -> Result<(OciManifest, String), ImageError> {
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!(
+            "{}/v2/{}/manifests/{tag_or_digest}",
+            self.base,
+            reference.repository()
+        );
+        let response = self.get(&url, Some(MANIFEST_ACCEPT)).await?;
+        if !response.status().is_success() {
+            return Err(self.error_response(response).await);
+        }
+        let body = self
+            .read_bounded(response, MAX_MANIFEST_BYTES, "manifest")
+            .await?;
+        let digest = format!("sha256:{}", hex_encode(&Sha256::digest(&body)));
+        if let Some(expected) = reference.digest() {
+            if expected != digest {
+                return Err(ImageError::DigestMismatch {
+                    what: format!(
+                        "manifest of {} from registry {}",
+                        reference.whole(),
+                        self.registry
+                    ),
+                    expected: expected.to_string(),
+                    actual: digest,
+                });
+            }
+        }
+        Ok((self.parse_manifest(reference, &body)?, digest))
+    }
+
+    fn parse_manifest(
+        &self,
+        reference: &Reference,
+        body: &[u8],
+    ) -> Result<OciManifest, ImageError> {
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            #[serde(rename = "schemaVersion")]
+            schema_version: u32,
+        }
+        let invalid = |why: String| {
+            ImageError::InvalidImage(format!("manifest of {}: {why}", reference.whole()))
+        };
+        let versioned: Versioned =
+            serde_json::from_slice(body).map_err(|e| invalid(truncated(&e.to_string())))?;
+        if versioned.schema_version != 2 {
+            return Err(invalid(format!(
+                "schema version {} (only version 2 manifests are supported)",
+                versioned.schema_version
+            )));
+        }
+        serde_json::from_slice(body).map_err(|e| invalid(truncated(&e.to_string())))
     }
 
     /// The config blob, bounded and verified against its digest.
@@ -365,87 +471,274 @@ impl Remote {
     }
 
     /// Streams a blob into `out`, refusing more or fewer bytes than `size` and content that
-    /// does not match its digest.
+    /// does not match its (sha256) digest.
     async fn stream_blob(
         &self,
         descriptor: &OciDescriptor,
         size: u64,
         out: &mut (impl AsyncWrite + Unpin),
     ) -> Result<(), ImageError> {
-        self.client
-            .store_auth_if_needed(&self.registry, &self.auth)
-            .await;
-        let mut stream = self
-            .client
-            .pull_blob_stream(&self.reference, descriptor)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let digest = &descriptor.digest;
+        if !is_sha256_digest(digest) {
+            return Err(ImageError::InvalidImage(format!(
+                "manifest of {}: blob digest {digest:?} is not a sha256 digest (the only \
+                 algorithm supported)",
+                self.reference
+            )));
+        }
+        let url = format!(
+            "{}/v2/{}/blobs/{digest}",
+            self.base,
+            self.reference.repository()
+        );
+        let mut response = self.get(&url, None).await?;
+        if !response.status().is_success() {
+            return Err(self.error_response(response).await);
+        }
+        if let Some(declared) = response.content_length() {
+            if declared != size {
+                let more_or_fewer = if declared > size { "more" } else { "fewer" };
+                return Err(self.size_mismatch(descriptor, more_or_fewer));
+            }
+        }
+        let mut hasher = Sha256::new();
         let mut received = 0u64;
-        // The client verifies the digest when the stream ends (its last item is the error).
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.classify_stream_error(&descriptor.digest, e))?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.classify_transport(&e))?
+        {
             received = received.saturating_add(chunk.len() as u64);
             if received > size {
                 return Err(self.size_mismatch(descriptor, "more"));
             }
+            hasher.update(&chunk);
             out.write_all(&chunk)
                 .await
-                .context(|| format!("write blob {}", descriptor.digest))?;
+                .context(|| format!("write blob {digest}"))?;
         }
         if received != size {
             return Err(self.size_mismatch(descriptor, "fewer"));
         }
+        let actual = format!("sha256:{}", hex_encode(&hasher.finalize()));
+        if &actual != digest {
+            return Err(ImageError::DigestMismatch {
+                what: format!("blob {digest} from registry {}", self.registry),
+                expected: digest.clone(),
+                actual,
+            });
+        }
         Ok(())
     }
 
-    fn size_mismatch(&self, descriptor: &OciDescriptor, more_or_fewer: &str) -> ImageError {
-        ImageError::RegistryProtocol {
-            registry: self.registry.clone(),
-            detail: format!(
-                "it sent {more_or_fewer} bytes of blob {} than the {} its manifest declares",
-                descriptor.digest, descriptor.size
-            ),
+    /// A GET with the pull's authorization. A 401 is a challenge: it is answered (basic
+    /// credentials, or a bearer token from the realm) and the request sent once more. A
+    /// bearer token is fetched again when a later request is refused (tokens expire, often
+    /// within minutes, and a pull can take longer); refused basic credentials are final.
+    async fn get(&self, url: &str, accept: Option<&str>) -> Result<reqwest::Response, ImageError> {
+        let response = self.send(url, accept).await?;
+        let may_answer = !matches!(
+            self.current_auth().as_deref(),
+            Some(Authorization::Basic(_))
+        );
+        if response.status() != reqwest::StatusCode::UNAUTHORIZED || !may_answer {
+            return Ok(response);
+        }
+        let challenge = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|value| value.to_str().ok())
+            .map(Challenge::parse);
+        // Its body is never read: dropping the response closes the connection.
+        drop(response);
+        let Some(challenge) = challenge else {
+            return Err(self.protocol_error(
+                "it answered 401 without a WWW-Authenticate challenge".to_string(),
+            ));
+        };
+        let authorization = self.answer(&challenge).await?;
+        *self.authorization.lock().expect("authorization lock") = Some(Arc::new(authorization));
+        self.send(url, accept).await
+    }
+
+    fn current_auth(&self) -> Option<Arc<Authorization>> {
+        self.authorization
+            .lock()
+            .expect("authorization lock")
+            .clone()
+    }
+
+    async fn send(&self, url: &str, accept: Option<&str>) -> Result<reqwest::Response, ImageError> {
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| self.protocol_error(format!("bad URL {url:?}: {e}")))?;
+        self.guard
+            .check_url(&url)
+            .map_err(|refused| self.refused(refused))?;
+        let mut request = self.http.get(url);
+        if let Some(accept) = accept {
+            request = request.header(reqwest::header::ACCEPT, accept);
+        }
+        request = match self.current_auth().as_deref() {
+            Some(Authorization::Basic(c)) => request.basic_auth(&c.username, Some(&c.password)),
+            Some(Authorization::Bearer(token)) => request.bearer_auth(token),
+            None => request,
+        };
+        request
+            .send()
+            .await
+            .map_err(|e| self.classify_transport(&e))
+    }
+
+    /// What the registry's challenge asks for: basic credentials (when the pull has some)
+    /// or a bearer token.
+    async fn answer(&self, challenge: &Challenge) -> Result<Authorization, ImageError> {
+        match challenge.scheme.to_ascii_lowercase().as_str() {
+            "basic" => self
+                .credentials
+                .clone()
+                .map(Authorization::Basic)
+                .ok_or_else(|| self.unauthorized()),
+            "bearer" => self.fetch_token(challenge).await.map(Authorization::Bearer),
+            other => Err(self.protocol_error(format!(
+                "unsupported authentication scheme {:?}",
+                truncated(other)
+            ))),
         }
     }
 
-    /// A user-facing error for what the client reported.
-    fn classify(&self, error: OciDistributionError) -> ImageError {
-        let registry = self.registry.clone();
-        let reference = self.reference.whole();
-        match error {
-            OciDistributionError::UnauthorizedError { .. }
-            | OciDistributionError::AuthenticationFailure(_) => ImageError::RegistryUnauthorized {
-                registry,
-                reference,
-            },
-            OciDistributionError::RegistryError { envelope, .. } => {
-                self.classify_envelope(envelope)
+    /// A pull token from the challenge's realm (with the credentials, if any), its answer
+    /// read to at most [`MAX_TOKEN_BYTES`].
+    async fn fetch_token(&self, challenge: &Challenge) -> Result<String, ImageError> {
+        let realm = challenge
+            .param("realm")
+            .ok_or_else(|| self.protocol_error("a Bearer challenge without a realm".into()))?;
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| self.protocol_error(format!("token realm {:?}: {e}", truncated(realm))))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = challenge.param("service") {
+                query.append_pair("service", service);
             }
-            OciDistributionError::ServerError { code, message, .. } => match code {
-                401 | 403 => ImageError::RegistryUnauthorized {
-                    registry,
-                    reference,
-                },
-                404 => ImageError::ImageNotFound {
-                    registry,
-                    reference,
-                    detail: truncated(&message),
-                },
-                _ => ImageError::RegistryProtocol {
-                    registry,
-                    detail: format!("HTTP {code}: {}", truncated(&message)),
-                },
-            },
-            OciDistributionError::RequestError(error) => self.classify_transport(&error),
-            OciDistributionError::DigestError(error) => {
-                self.digest_error(&format!("manifest of {reference}"), &error)
-            }
-            OciDistributionError::IoError(error) => self.classify_transport(&error),
-            other => ImageError::RegistryProtocol {
-                registry,
-                detail: truncated(&other.to_string()),
-            },
+            let scope = format!("repository:{}:pull", self.reference.repository());
+            query.append_pair("scope", &scope);
         }
+        self.guard
+            .check_url(&url)
+            .map_err(|refused| self.refused(refused))?;
+        let mut request = self.http.get(url);
+        if let Some(c) = &self.credentials {
+            request = request.basic_auth(&c.username, Some(&c.password));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.classify_transport(&e))?;
+        match response.status() {
+            status if status.is_success() => {}
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {
+                return Err(self.unauthorized())
+            }
+            _ => return Err(self.error_response(response).await),
+        }
+        let body = self
+            .read_bounded(response, MAX_TOKEN_BYTES, "token answer")
+            .await?;
+        #[derive(serde::Deserialize)]
+        struct TokenAnswer {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+            self.protocol_error(format!("token answer: {}", truncated(&e.to_string())))
+        })?;
+        answer
+            .token
+            .or(answer.access_token)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| self.protocol_error("a token answer without a token".into()))
+    }
+
+    /// A whole body of at most `limit` bytes; a longer one (declared or sent) is refused
+    /// without reading past the limit.
+    async fn read_bounded(
+        &self,
+        mut response: reqwest::Response,
+        limit: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, ImageError> {
+        let too_large = || self.protocol_error(format!("its {what} exceeds {limit} bytes"));
+        if response.content_length().is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.classify_transport(&e))?
+        {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    /// The error a non-success answer stands for, from its status and the first
+    /// [`MAX_ERROR_BODY_BYTES`] of its body (an OCI error envelope, or text).
+    async fn error_response(&self, mut response: reqwest::Response) -> ImageError {
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = MAX_ERROR_BODY_BYTES as usize - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() as u64 >= MAX_ERROR_BODY_BYTES {
+                break;
+            }
+        }
+        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(&body) {
+            if !envelope.errors.is_empty() {
+                return self.classify_envelope(envelope);
+            }
+        }
+        let text = truncated(&String::from_utf8_lossy(&body));
+        match status.as_u16() {
+            401 | 403 => self.unauthorized(),
+            404 => ImageError::ImageNotFound {
+                registry: self.registry.clone(),
+                reference: self.reference.whole(),
+                detail: text,
+            },
+            code => self.protocol_error(format!("HTTP {code}: {text}")),
+        }
+    }
+
+    fn unauthorized(&self) -> ImageError {
+        ImageError::RegistryUnauthorized {
+            registry: self.registry.clone(),
+            reference: self.reference.whole(),
+        }
+    }
+
+    fn protocol_error(&self, detail: String) -> ImageError {
+        ImageError::RegistryProtocol {
+            registry: self.registry.clone(),
+            detail,
+        }
+    }
+
+    fn refused(&self, refused: AddressRefused) -> ImageError {
+        ImageError::RegistryUnreachable {
+            registry: self.registry.clone(),
+            detail: refused.to_string(),
+        }
+    }
+
+    fn size_mismatch(&self, descriptor: &OciDescriptor, more_or_fewer: &str) -> ImageError {
+        self.protocol_error(format!(
+            "it sent {more_or_fewer} bytes of blob {} than the {} its manifest declares",
+            descriptor.digest, descriptor.size
+        ))
     }
 
     fn classify_envelope(&self, envelope: OciEnvelope) -> ImageError {
@@ -478,10 +771,16 @@ impl Remote {
         }
     }
 
-    /// Connection-level failures: TLS (and its special case, a plain-HTTP registry reached
-    /// over HTTPS), timeouts, refused connections.
+    /// Connection-level failures: an address the guard refused, TLS (and its special case,
+    /// a plain-HTTP registry reached over HTTPS), timeouts, refused connections.
     fn classify_transport(&self, error: &(dyn StdError + 'static)) -> ImageError {
         let registry = self.registry.clone();
+        if let Some(refused) = error_chain(error).find_map(|e| e.downcast_ref::<AddressRefused>()) {
+            return ImageError::RegistryUnreachable {
+                registry,
+                detail: refused.to_string(),
+            };
+        }
         if let Some(tls) = error_chain(error).find_map(|e| e.downcast_ref::<rustls::Error>()) {
             return match tls {
                 // An HTTP answer read as TLS records.
@@ -504,58 +803,188 @@ impl Remote {
             detail: describe_chain(error),
         }
     }
+}
 
-    fn classify_stream_error(&self, digest: &str, error: io::Error) -> ImageError {
-        let mismatch = error
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<DigestError>());
-        match mismatch {
-            Some(mismatch) => self.digest_error(&format!("blob {digest}"), mismatch),
-            None => self.classify_transport(&error),
+/// A `WWW-Authenticate` challenge: `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
+struct Challenge {
+    scheme: String,
+    params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// Parses the scheme and its `key=value` / `key="quoted, value"` parameters; anything
+    /// malformed ends the parameters (a missing realm is reported by the caller).
+    fn parse(header: &str) -> Challenge {
+        let header = header.trim();
+        let (scheme, mut rest) = header.split_once(' ').unwrap_or((header, ""));
+        let mut params = Vec::new();
+        while params.len() < MAX_CHALLENGE_PARAMS {
+            rest = rest.trim_start_matches([' ', ',']);
+            let Some((key, after)) = rest.split_once('=') else {
+                break;
+            };
+            let (value, after) = match after.strip_prefix('"') {
+                Some(quoted) => match quoted.split_once('"') {
+                    Some((value, after)) => (value, after),
+                    None => break,
+                },
+                None => after.split_once(',').unwrap_or((after, "")),
+            };
+            params.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
+            rest = after;
+        }
+        Challenge {
+            scheme: scheme.to_string(),
+            params,
         }
     }
 
-    fn digest_error(&self, what: &str, error: &DigestError) -> ImageError {
-        match error {
-            DigestError::VerificationError { expected, actual } => ImageError::DigestMismatch {
-                what: format!("{what} from registry {}", self.registry),
-                expected: expected.clone(),
-                actual: actual.clone(),
-            },
-            other => ImageError::RegistryProtocol {
-                registry: self.registry.clone(),
-                detail: format!("{what}: {other}"),
-            },
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Where a pull may connect: the registry's own host anywhere when the operator named it
+/// (`--insecure-registry`, `--internal-registry`); every other host (an untrusted registry,
+/// a token realm, a redirect target) only to public addresses, checked on the addresses
+/// actually connected to (the resolver below), so DNS rebinding gains nothing.
+#[derive(Debug, Clone)]
+struct AddressGuard {
+    /// Host of a registry the operator named, lowercase, without brackets or port.
+    trusted_host: Option<String>,
+    /// Plain-HTTP URLs (the registry, its realm, redirects) only for insecure registries.
+    plain_http_allowed: bool,
+}
+
+/// Why the guard refused a URL or an address.
+#[derive(Debug, thiserror::Error)]
+enum AddressRefused {
+    #[error(
+        "refused to connect: {host} is {ip}, a {class} address; a registry on an internal \
+         address must be named by the operator (cordon serve --internal-registry HOST:PORT, \
+         or --insecure-registry for plain HTTP)"
+    )]
+    Internal {
+        host: String,
+        ip: IpAddr,
+        class: &'static str,
+    },
+    #[error("refused {0}: only https URLs are followed for a registry not marked insecure")]
+    Scheme(String),
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+}
+
+impl AddressGuard {
+    /// The URL's scheme, and its host when that is an IP literal (which never reaches the
+    /// resolver).
+    fn check_url(&self, url: &reqwest::Url) -> Result<(), AddressRefused> {
+        match url.scheme() {
+            "https" => {}
+            "http" if self.plain_http_allowed => {}
+            _ => {
+                let without_query = url.as_str().split(['?', '#']).next().unwrap_or_default();
+                return Err(AddressRefused::Scheme(truncated(without_query)));
+            }
+        }
+        let host = url.host_str().map(bare_host).unwrap_or_default();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.check_ip(&host, ip)?;
+        }
+        Ok(())
+    }
+
+    fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), AddressRefused> {
+        if self.trusted_host.as_deref() == Some(host) {
+            return Ok(());
+        }
+        match cordon_proxy::classify_ip(ip) {
+            Some(class) => Err(AddressRefused::Internal {
+                host: host.to_string(),
+                ip,
+                class,
+            }),
+            None => Ok(()),
         }
     }
 }
 
+impl reqwest::dns::Resolve for AddressGuard {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.clone();
+        let host = bare_host(name.as_str());
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            // One internal answer refuses the name: a mixed answer is a rebinding attempt.
+            for addr in &addrs {
+                guard.check_ip(&host, addr.ip())?;
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// A URL host as the guard compares it: lowercase, IPv6 without brackets.
+fn bare_host(host: &str) -> String {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+fn is_sha256_digest(digest: &str) -> bool {
+    digest
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A client that speaks HTTPS (verified against the system roots plus the configured ones)
-/// to every registry but those marked insecure, with connect and read timeouts.
-fn registry_client(config: &RegistryConfig, registry: &str) -> Result<Client, ImageError> {
+/// to every registry but those marked insecure, with connect and read timeouts, resolving
+/// and redirecting only through the guard. Proxy environment variables are ignored: a proxy
+/// would resolve names itself, out of the guard's reach.
+fn registry_client(
+    config: &RegistryConfig,
+    registry: &str,
+    guard: &AddressGuard,
+) -> Result<reqwest::Client, ImageError> {
     install_crypto_provider();
+    let tls_error = |detail: String| ImageError::RegistryTls {
+        registry: registry.to_string(),
+        detail: format!("configuring the registry client: {detail}"),
+    };
     let mut roots = Vec::with_capacity(config.extra_root_pems.len());
     for pem in &config.extra_root_pems {
-        roots.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data: pem.clone(),
-        });
+        roots.extend(
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| tls_error(e.to_string()))?,
+        );
     }
-    let client_config = ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
-        extra_root_certificates: roots,
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        connect_timeout: Some(CONNECT_TIMEOUT),
-        read_timeout: Some(READ_TIMEOUT),
-        max_concurrent_download: 1,
-        ..ClientConfig::default()
-    };
-    // `Client::new` would fall back to a default configuration on error, dropping our roots
-    // and timeouts; building it fallibly keeps a bad CA a clear error.
-    Client::try_from(client_config).map_err(|error| ImageError::RegistryTls {
-        registry: registry.to_string(),
-        detail: format!("configuring the registry client: {error}"),
-    })
+    let redirect_guard = guard.clone();
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(AddressRefused::TooManyRedirects);
+        }
+        match redirect_guard.check_url(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refused) => attempt.error(refused),
+        }
+    });
+    reqwest::Client::builder()
+        .dns_resolver(Arc::new(guard.clone()))
+        .redirect(redirects)
+        .no_proxy()
+        .tls_certs_merge(roots)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .user_agent(concat!("cordon/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| tls_error(describe_chain(&e)))
 }
 
 /// TLS needs a process-wide crypto provider; ours is `ring` unless one was installed already.
@@ -691,6 +1120,62 @@ mod tests {
             Remote::new("UPPER/Case:tag", &RegistryConfig::default(), None),
             Err(ImageError::InvalidReference { .. })
         ));
+    }
+
+    #[test]
+    fn challenges_are_parsed_with_quoted_commas() {
+        let challenge = Challenge::parse(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(challenge.scheme, "Bearer");
+        assert_eq!(challenge.param("realm"), Some("https://auth.example/token"));
+        assert_eq!(challenge.param("service"), Some("registry.example"));
+        assert_eq!(challenge.param("scope"), Some("repository:a/b:pull,push"));
+        let basic = Challenge::parse(r#"Basic realm="Registry Realm""#);
+        assert_eq!(basic.scheme, "Basic");
+        assert_eq!(basic.param("realm"), Some("Registry Realm"));
+        assert!(Challenge::parse(r#"Bearer realm="unterminated"#)
+            .param("realm")
+            .is_none());
+    }
+
+    #[test]
+    fn the_guard_refuses_internal_literals_and_downgrades() {
+        let url = |s: &str| reqwest::Url::parse(s).unwrap();
+        let strict = AddressGuard {
+            trusted_host: None,
+            plain_http_allowed: false,
+        };
+        for internal in [
+            "https://169.254.169.254/",
+            "https://10.1.2.3/",
+            "https://[::1]:5000/",
+            "https://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(
+                matches!(
+                    strict.check_url(&url(internal)),
+                    Err(AddressRefused::Internal { .. })
+                ),
+                "{internal}"
+            );
+        }
+        assert!(strict.check_url(&url("https://8.8.8.8/v2/")).is_ok());
+        assert!(strict
+            .check_url(&url("https://registry.example/v2/"))
+            .is_ok());
+        assert!(matches!(
+            strict.check_url(&url("http://8.8.8.8/v2/?token=x")),
+            Err(AddressRefused::Scheme(u)) if !u.contains("token")
+        ));
+        let trusted = AddressGuard {
+            trusted_host: Some("::1".into()),
+            plain_http_allowed: true,
+        };
+        assert!(trusted.check_url(&url("http://[::1]:5000/v2/")).is_ok());
+        assert!(trusted
+            .check_url(&url("http://127.0.0.1:5000/v2/"))
+            .is_err());
     }
 
     #[test]

@@ -27,11 +27,16 @@ fn generous_limits() -> UnpackLimits {
     }
 }
 
-/// Trusts the auth registry's CA and speaks plain HTTP to the open one.
+/// Trusts the auth registry's CA and speaks plain HTTP to the open one; both live on
+/// loopback, which the operator must allow (`--internal-registry`).
 fn registry_config(registries: &TestRegistries) -> RegistryConfig {
     RegistryConfig {
         insecure_registries: vec![registries.open.address().to_string()],
         extra_root_pems: vec![registries.auth.ca_pem().expect("CA").as_bytes().to_vec()],
+        internal_registries: vec![
+            registries.open.address().to_string(),
+            registries.auth.address().to_string(),
+        ],
     }
 }
 
@@ -400,6 +405,30 @@ async fn plain_http_only_for_registries_marked_insecure() {
             registries.open.address()
         )),
         "{message}"
+    );
+    assert_eq!(store.entries(), before);
+
+    // Named neither insecure nor internal: its loopback address is refused (SSRF guard).
+    let unnamed = RegistryConfig {
+        insecure_registries: Vec::new(),
+        internal_registries: Vec::new(),
+        ..registry_config(&registries)
+    };
+    let error = pull(
+        &store,
+        registries.image("busybox"),
+        &unnamed,
+        None,
+        &generous_limits(),
+    )
+    .await
+    .expect_err("a loopback registry the operator did not name");
+    eprintln!("refused: {error}");
+    assert!(
+        matches!(error, ImageError::RegistryUnreachable { .. })
+            && error.to_string().contains("loopback")
+            && error.to_string().contains("--internal-registry"),
+        "{error}"
     );
     assert_eq!(store.entries(), before);
 
