@@ -1,24 +1,20 @@
 //! Host side: one yamux session per sandbox; each request or WebSocket gets its own stream.
 
-use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::sync::Arc;
-use std::task::Poll;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::framed_io::FramedIo;
-use crate::{yamux_config, ChannelError, ChannelStream, MAX_OPEN_STREAMS, OPEN_STREAM_WAIT};
-
-type StreamReply = oneshot::Sender<Result<yamux::Stream, ChannelError>>;
+use crate::session::{drive, Ending, Inbound, Opener};
+use crate::{yamux_config, ChannelError, ChannelStream, MAX_INBOUND_STREAMS, MAX_OPEN_STREAMS};
 
 /// A WebSocket to the agent over one channel stream.
 pub type WebSocket = WebSocketStream<ChannelStream>;
@@ -27,54 +23,67 @@ pub type WebSocket = WebSocketStream<ChannelStream>;
 /// byte stream fails.
 #[derive(Clone)]
 pub struct AgentClient {
-    open_requests: mpsc::UnboundedSender<StreamReply>,
-    /// One permit per stream that may be open; each [`ChannelStream`] holds one until dropped.
-    slots: Arc<Semaphore>,
+    opener: Opener,
 }
 
 impl AgentClient {
-    /// Starts the client end of the channel over `io`. The session is driven by a task on the
-    /// current tokio runtime.
+    /// Starts the client end of the channel over `io`, refusing every stream the agent opens.
+    /// The session is driven by a task on the current tokio runtime.
     pub fn connect<T>(io: T) -> AgentClient
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start(io, Inbound::<fn(ChannelStream)>::Refuse)
+    }
+
+    /// Like [`AgentClient::connect`], but every stream the agent opens (a reverse stream, e.g.
+    /// its egress relay) is handed to `on_stream`, which must not block (spawn the work). At
+    /// most [`MAX_INBOUND_STREAMS`] are held at once; the agent's further ones are refused
+    /// (dropped) until one of them is dropped, so a hostile agent cannot exhaust the host.
+    pub fn connect_with_inbound<T, F>(io: T, on_stream: F) -> AgentClient
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: FnMut(ChannelStream) + Send + 'static,
+    {
+        Self::start(
+            io,
+            Inbound::Handle {
+                handler: on_stream,
+                slots: Arc::new(Semaphore::new(MAX_INBOUND_STREAMS)),
+            },
+        )
+    }
+
+    fn start<T, F>(io: T, inbound: Inbound<F>) -> AgentClient
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: FnMut(ChannelStream) + Send + 'static,
     {
         let connection = yamux::Connection::new(
             FramedIo::new(io.compat()),
             yamux_config(),
             yamux::Mode::Client,
         );
-        let (open_requests, requests) = mpsc::unbounded_channel();
+        let (opener, requests) = Opener::new(MAX_OPEN_STREAMS);
         tokio::spawn(async move {
-            if let Err(error) = drive(connection, requests).await {
+            if let Err(error) = drive(connection, requests, inbound, Ending::WhenOpenersGone).await
+            {
                 tracing::debug!(%error, "agent channel ended");
             }
         });
-        AgentClient {
-            open_requests,
-            slots: Arc::new(Semaphore::new(MAX_OPEN_STREAMS)),
-        }
+        AgentClient { opener }
     }
 
     /// True once the session has ended; a closed client never recovers.
     pub fn is_closed(&self) -> bool {
-        self.open_requests.is_closed()
+        self.opener.is_closed()
     }
 
     /// Opens a new raw stream to the agent. With [`MAX_OPEN_STREAMS`] already open it waits
-    /// up to [`OPEN_STREAM_WAIT`] for one to close, then fails with
+    /// up to [`OPEN_STREAM_WAIT`](crate::OPEN_STREAM_WAIT) for one to close, then fails with
     /// [`ChannelError::TooManyStreams`]; the session and its other streams carry on.
     pub async fn open_stream(&self) -> Result<ChannelStream, ChannelError> {
-        let slot = tokio::time::timeout(OPEN_STREAM_WAIT, self.slots.clone().acquire_owned())
-            .await
-            .map_err(|_| ChannelError::TooManyStreams(MAX_OPEN_STREAMS))?
-            .map_err(|_| ChannelError::Closed)?;
-        let (reply, stream) = oneshot::channel();
-        self.open_requests
-            .send(reply)
-            .map_err(|_| ChannelError::Closed)?;
-        let stream = stream.await.map_err(|_| ChannelError::Closed)??;
-        Ok(ChannelStream::new(stream, Some(slot)))
+        self.opener.open().await
     }
 
     /// Sends one HTTP/1.1 request on a fresh stream. Upgrades (WebSocket) are supported: the
@@ -117,58 +126,4 @@ impl AgentClient {
                 .map_err(Box::new)?;
         Ok(socket)
     }
-}
-
-/// Drives the yamux connection: serves open requests and keeps every stream's I/O moving.
-async fn drive<T>(
-    mut connection: yamux::Connection<T>,
-    mut requests: mpsc::UnboundedReceiver<StreamReply>,
-) -> Result<(), ChannelError>
-where
-    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
-{
-    let mut waiting: VecDeque<StreamReply> = VecDeque::new();
-    let mut clients_gone = false;
-    poll_fn(|cx| {
-        while let Poll::Ready(request) = requests.poll_recv(cx) {
-            match request {
-                Some(reply) => waiting.push_back(reply),
-                None => {
-                    clients_gone = true;
-                    break;
-                }
-            }
-        }
-        while !waiting.is_empty() {
-            match connection.poll_new_outbound(cx) {
-                Poll::Ready(Ok(stream)) => {
-                    if let Some(reply) = waiting.pop_front() {
-                        let _ = reply.send(Ok(stream));
-                    }
-                }
-                Poll::Ready(Err(error)) => {
-                    for reply in waiting.drain(..) {
-                        let _ = reply.send(Err(ChannelError::Closed));
-                    }
-                    return Poll::Ready(Err(ChannelError::from(error)));
-                }
-                Poll::Pending => break,
-            }
-        }
-        loop {
-            match connection.poll_next_inbound(cx) {
-                // The agent never opens streams; refuse any it tries.
-                Poll::Ready(Some(Ok(stream))) => drop(stream),
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => break,
-            }
-        }
-        if clients_gone && waiting.is_empty() {
-            // No clone of the client is left: close so the agent sees EOF.
-            return connection.poll_close(cx).map_err(ChannelError::from);
-        }
-        Poll::Pending
-    })
-    .await
 }

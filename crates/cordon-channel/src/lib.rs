@@ -8,24 +8,29 @@
 mod client;
 mod framed_io;
 mod server;
+mod session;
 mod stream;
+pub mod vm_link;
 
 use std::time::Duration;
 
 pub use client::{AgentClient, WebSocket};
-pub use server::serve;
+pub use server::{serve, serve_with_opener, HostOpener};
 pub use stream::ChannelStream;
 
 /// Streams the host keeps open at once on one channel. yamux ends the whole session (every
 /// command and transfer of the sandbox) when a stream beyond its own limit is opened, so the
 /// host admits no more than this and refuses the one extra request instead.
 pub const MAX_OPEN_STREAMS: usize = 512;
+/// Streams the agent may have open to the host at once (reverse streams). The host refuses
+/// (drops) any beyond this, so a hostile agent cannot make it hold unbounded streams.
+pub const MAX_INBOUND_STREAMS: usize = 256;
 /// How long opening a stream waits for a free slot before it is refused.
 pub const OPEN_STREAM_WAIT: Duration = Duration::from_secs(2);
-/// yamux's own limit on both ends, above [`MAX_OPEN_STREAMS`]: a stream the host has dropped
+/// yamux's own limit on both ends, above [`MAX_OPEN_STREAMS`] + [`MAX_INBOUND_STREAMS`]: a stream the host has dropped
 /// leaves the agent's table only once the agent's handler lets go of it, so the agent may
 /// briefly count more streams than the host has open.
-const YAMUX_MAX_STREAMS: usize = 2 * MAX_OPEN_STREAMS;
+const YAMUX_MAX_STREAMS: usize = 2 * (MAX_OPEN_STREAMS + MAX_INBOUND_STREAMS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
