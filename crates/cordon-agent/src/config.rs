@@ -4,11 +4,15 @@ use std::sync::{Arc, RwLock};
 
 use cordon_api::agent::AgentConfig;
 
+use crate::egress_relay::EgressSession;
+
 /// Shared, swappable [`AgentConfig`]. Readers take a snapshot; a `PUT` replaces it whole and
 /// affects only later commands and file operations.
 #[derive(Clone, Default)]
 pub struct ConfigStore {
     current: Arc<RwLock<AgentConfig>>,
+    /// The host session the egress relay opens its streams on (also pushed by the host).
+    pub egress_session: EgressSession,
 }
 
 impl ConfigStore {

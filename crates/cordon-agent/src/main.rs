@@ -13,7 +13,7 @@ use cordon_agent::reaper::Reaper;
 use cordon_agent::{router, AppState};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 #[derive(Parser)]
 #[command(version, about = "The in-sandbox agent of Cordon")]
@@ -31,6 +31,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    if cordon_agent::vm_init::is_vm_init() {
+        vm_main();
+    }
     init_logging();
     // Not dumpable: with seccomp off, sandbox processes still cannot ptrace or
     // process_vm_readv the agent without CAP_SYS_PTRACE, and its /proc files are root's.
@@ -42,6 +45,36 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(run(args))
+}
+
+/// PID 1 of a microVM (no `--listen-*`): boot the guest, then serve the host over the
+/// virtio-serial channel. Never returns: a fatal error powers the VM off.
+fn vm_main() -> ! {
+    use cordon_agent::vm_init;
+    let booted = vm_init::boot().unwrap_or_else(|error| vm_init::fatal(&error));
+    init_logging();
+    let served = (|| -> anyhow::Result<std::convert::Infallible> {
+        nix::sys::prctl::set_dumpable(false).context("PR_SET_DUMPABLE")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        runtime.block_on(async {
+            let reaper = Reaper::start().context("starting the reaper")?;
+            let app = router(AppState {
+                config: ConfigStore::default(),
+                commands: Registry::new(reaper),
+                vm: Some(cordon_agent::vm_control::VmControl::new(booted.rw_root)),
+            });
+            tracing::info!("agent ready (microVM)");
+            vm_init::serve_channel(&booted.channel, |port| serve_connection(port, app.clone()))
+                .await
+        })
+    })();
+    match served {
+        Err(error) => vm_init::fatal(&error),
+        Ok(never) => match never {},
+    }
 }
 
 fn init_logging() {
@@ -68,6 +101,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let app = router(AppState {
         config: ConfigStore::default(),
         commands: Registry::new(reaper),
+        vm: None,
     });
     tracing::info!(pid = std::process::id(), "agent ready");
     loop {
@@ -104,22 +138,32 @@ fn inherited_listener(fd: RawFd) -> anyhow::Result<UnixListener> {
 }
 
 /// One host connection: a yamux session; every stream is one HTTP/1.1 connection.
-async fn serve_connection(connection: UnixStream, app: axum::Router) {
-    let served = cordon_channel::serve(connection, move |stream| {
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            if let Err(error) = served {
-                tracing::debug!(%error, "channel stream ended");
-            }
-        });
+async fn serve_connection<T>(connection: T, app: axum::Router)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Each session's requests carry its opener, so the host can make it the egress relay's.
+    let served = cordon_channel::serve_with_opener(connection, move |opener| {
+        let app = app.layer(axum::Extension(opener));
+        move |stream| serve_stream(stream, app.clone())
     })
     .await;
     match served {
         Ok(()) => tracing::info!("host connection closed"),
         Err(error) => tracing::warn!(%error, "host connection failed"),
     }
+}
+
+/// One channel stream: one HTTP/1.1 connection into the router.
+fn serve_stream(stream: cordon_channel::ChannelStream, app: axum::Router) {
+    let service = TowerToHyperService::new(app);
+    tokio::spawn(async move {
+        let served = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .await;
+        if let Err(error) = served {
+            tracing::debug!(%error, "channel stream ended");
+        }
+    });
 }

@@ -183,7 +183,10 @@ fn load_finished(dir: &Path, key: &str) -> Option<PreparedSnapshot> {
 }
 
 /// Deletes what an interrupted or broken build left at `path`, if anything.
-fn discard_debris(path: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+pub(crate) fn discard_debris(
+    path: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
     if fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
@@ -195,7 +198,10 @@ fn discard_debris(path: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), Ima
 }
 
 /// An exclusive lock on the store, held until dropped; says so when it has to wait.
-fn lock_store(store: &Path, progress: &mut dyn FnMut(&str)) -> Result<Flock<File>, ImageError> {
+pub(crate) fn lock_store(
+    store: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Flock<File>, ImageError> {
     let path = store.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
@@ -220,7 +226,7 @@ fn lock_store(store: &Path, progress: &mut dyn FnMut(&str)) -> Result<Flock<File
 
 /// Creates `dir` (and parents) readable by all but writable by its owner only: layers are
 /// read by every sandbox and must never be writable by anyone but the builder.
-fn create_private_dir(dir: &Path) -> Result<(), ImageError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), ImageError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -228,7 +234,7 @@ fn create_private_dir(dir: &Path) -> Result<(), ImageError> {
         .context(|| format!("create {}", dir.display()))
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ImageError> {
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ImageError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| ImageError::Metadata {
         path: path.to_path_buf(),
         source,
@@ -237,7 +243,7 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ImageError> {
     write_durably(path, &bytes)
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
     let bytes = fs::read(path).context(|| format!("read {}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|source| ImageError::Metadata {
         path: path.to_path_buf(),
@@ -245,7 +251,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageErro
     })
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let mut file = File::create(path).context(|| format!("create {}", path.display()))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
@@ -253,7 +259,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 }
 
 /// `syncfs` on the filesystem holding `dir`: one call instead of an fsync per file.
-fn sync_filesystem(dir: &Path) -> Result<(), ImageError> {
+pub(crate) fn sync_filesystem(dir: &Path) -> Result<(), ImageError> {
     let handle = File::open(dir).context(|| format!("open {}", dir.display()))?;
     nix::unistd::syncfs(handle.as_fd()).context(|| format!("syncfs {}", dir.display()))
 }

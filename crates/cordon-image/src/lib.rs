@@ -25,6 +25,7 @@
 //! id convention: files keep the ids the sandbox sees.
 
 pub mod default_snapshot;
+pub mod guest;
 
 mod archive;
 mod image_config;

@@ -212,7 +212,11 @@ impl Registry {
         let plan = SpawnPlan {
             shell: request.shell.clone(),
             command: request.command.clone(),
-            run_config: command_layer.over(&config.run_config),
+            run_config: command_layer.over(
+                &config
+                    .run_config
+                    .over(&crate::egress_env::env_layer(config.egress.as_ref())),
+            ),
             pty: request.pty,
             close_stdin: request.close_stdin,
         };
