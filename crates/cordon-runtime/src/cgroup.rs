@@ -179,6 +179,18 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Allows one more device in the sandbox's v1 devices cgroup (`/dev/kvm` for a jailed
+    /// QEMU on KVM). v2 has no devices file (the eBPF controller is not used): nothing to do.
+    pub(crate) fn allow_device(&self, id: &str, rule: &str) -> Result<(), RuntimeError> {
+        match self {
+            Cgroups::V1(_) => write(
+                &self.controller_dir(id, "devices").join("devices.allow"),
+                rule,
+            ),
+            Cgroups::V2(_) => Ok(()),
+        }
+    }
+
     /// Memory bytes, CPU nanoseconds and number of tasks in the sandbox's cgroups.
     pub(crate) fn usage(&self, id: &str) -> (u64, u64, u64) {
         match self {

@@ -48,7 +48,45 @@ pub struct LaunchPlan {
     pub log_max_bytes: u64,
     pub agent_args: Vec<String>,
     pub weaken: Weakening,
+    /// What the init execs: the agent (the namespace backend) or a jailed host binary.
+    #[serde(default)]
+    pub payload: Payload,
 }
+
+/// What the sandbox init finally execs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum Payload {
+    /// The sealed agent memfd on fd 4, as PID 1 of the overlay root made of `layers` and
+    /// `writable`, with Docker's default capabilities.
+    #[default]
+    Agent,
+    /// A host binary (the microVM backend's QEMU) in a minimal jail root; see [`Jail`].
+    Jail(Jail),
+}
+
+/// A jail for a host binary: the root is a small tmpfs holding read-only binds of host
+/// directories, the VM's own directory and, optionally, a few device nodes. The binary runs
+/// as the range's id 0 with no capabilities at all, env cleared; `layers` and `writable` of
+/// the plan are unused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Jail {
+    /// Absolute path of the binary, inside the jail (it must live under a `ro_binds` entry).
+    pub binary: PathBuf,
+    /// argv, `argv[0]` included.
+    pub args: Vec<String>,
+    /// Host directories bound read-only at the same path inside (no symlinks: canonical).
+    pub ro_binds: Vec<PathBuf>,
+    /// Symlinks made in the jail root: (name, target), e.g. ("lib64", "usr/lib64").
+    pub links: Vec<(String, String)>,
+    /// Host directory bound read-write at [`JAIL_VM_DIR`]; owned by the range's id 0.
+    pub vm_dir: PathBuf,
+    /// Character devices made in the jail's /dev: (name, major, minor), owned by the range's
+    /// id 0, mode 0600 (e.g. `kvm`, 10, 232).
+    pub devices: Vec<(String, u64, u64)>,
+}
+
+/// Where [`Jail::vm_dir`] appears inside the jail.
+pub const JAIL_VM_DIR: &str = "/vm";
 
 /// What nsinit prints on stdout once the agent has been exec'd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

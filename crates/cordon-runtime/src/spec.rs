@@ -19,11 +19,48 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// Sent to the agent (`PUT /_cordon/config`) on every start.
     pub agent_config: AgentConfig,
+    /// The backend that runs the sandbox (a [`crate::Runtimes`] routes by it).
+    #[serde(default)]
+    pub backend: Backend,
     /// Test-only weakenings; see [`Weakening`]. Never (de)serialised, so no JSON input (nor
     /// a `spec.json` on disk) can set it; a re-adopted sandbox restarts unweakened.
     #[doc(hidden)]
     #[serde(skip)]
     pub weaken: Weakening,
+}
+
+/// Which backend runs a sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Namespaces, seccomp and cgroups (`NamespaceRuntime`).
+    #[default]
+    Namespace,
+    /// A QEMU microVM (`MicrovmRuntime`).
+    Microvm,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Namespace => "namespace",
+            Backend::Microvm => "microvm",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Backend, String> {
+        match value {
+            "namespace" => Ok(Backend::Namespace),
+            "microvm" => Ok(Backend::Microvm),
+            other => Err(format!(
+                "unknown runtime {other:?}: expected \"namespace\" or \"microvm\""
+            )),
+        }
+    }
 }
 
 /// Resource limits of one sandbox. `None` = the backend's default.

@@ -18,7 +18,7 @@ use crate::plan::{is_alive, LaunchResult};
 
 /// Copies the agent into a memfd and seals it, so the sandbox's `/proc/1/exe` is an immutable
 /// in-memory file rather than a writable host binary (CVE-2019-5736).
-pub(super) fn sealed_copy(binary: &Path) -> Result<OwnedFd, RuntimeError> {
+pub(crate) fn sealed_copy(binary: &Path) -> Result<OwnedFd, RuntimeError> {
     let mut source =
         File::open(binary).context(|| format!("open agent binary {}", binary.display()))?;
     let memfd = memfd_create(
@@ -39,7 +39,7 @@ pub(super) fn sealed_copy(binary: &Path) -> Result<OwnedFd, RuntimeError> {
 
 /// Waits until the agent answers `GET /_cordon/health`, then sends its config.
 /// Fails early when the init dies.
-pub(super) async fn wait_ready(
+pub(crate) async fn wait_ready(
     dir: &SandboxDir,
     config: &AgentConfig,
     init: LaunchResult,
@@ -78,7 +78,7 @@ async fn handshake(dir: &SandboxDir, config: &AgentConfig) -> Result<(), String>
     expect_success(&client, put, "PUT /_cordon/config").await
 }
 
-async fn expect_success(
+pub(crate) async fn expect_success(
     client: &AgentClient,
     request: http::Request<Bytes>,
     what: &str,

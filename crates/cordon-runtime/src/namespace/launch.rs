@@ -20,7 +20,7 @@ use crate::SandboxSpec;
 /// Bound on what we keep of nsinit's stderr.
 const STDERR_MAX: usize = 4096;
 
-pub(super) fn plan(
+pub(crate) fn plan(
     config: &NamespaceConfig,
     dir: &SandboxDir,
     spec: &SandboxSpec,
@@ -54,6 +54,7 @@ pub(super) fn plan(
             LISTEN_FD.to_string(),
         ],
         weaken: spec.weaken.clone(),
+        payload: crate::plan::Payload::Agent,
     }
 }
 
@@ -66,16 +67,19 @@ fn high_dup(fd: &impl AsFd) -> Result<OwnedFd, String> {
 
 /// Runs nsinit with `plan`; on success the agent has been exec'd as the sandbox's PID 1.
 /// The error is nsinit's own message.
-pub(super) async fn run_nsinit(
+pub(crate) async fn run_nsinit(
     nsinit: &Path,
     plan: &LaunchPlan,
     listener: &UnixListener,
-    agent_memfd: &OwnedFd,
+    agent_memfd: Option<&OwnedFd>,
     timeout: Duration,
 ) -> Result<LaunchResult, String> {
     let listen_fd = high_dup(listener)?;
-    let memfd = high_dup(agent_memfd)?;
-    let (listen_raw, memfd_raw) = (listen_fd.as_raw_fd(), memfd.as_raw_fd());
+    let memfd = agent_memfd.map(high_dup).transpose()?;
+    let (listen_raw, memfd_raw) = (
+        listen_fd.as_raw_fd(),
+        memfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+    );
     let mut command = tokio::process::Command::new(nsinit);
     command
         .env_clear()
@@ -83,11 +87,14 @@ pub(super) async fn run_nsinit(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: dup2 is async-signal-safe; both sources are open CLOEXEC fds ≥ 10, and dup2
-    // clears CLOEXEC on the targets, so exactly these two extra fds reach nsinit.
+    // SAFETY: dup2 is async-signal-safe; the sources are open CLOEXEC fds ≥ 10, and dup2
+    // clears CLOEXEC on the targets, so exactly these extra fds reach nsinit (the memfd only
+    // for the agent; a jail gets the listener alone).
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(listen_raw, LISTEN_FD) < 0 || libc::dup2(memfd_raw, AGENT_MEMFD) < 0 {
+            if libc::dup2(listen_raw, LISTEN_FD) < 0
+                || (memfd_raw >= 0 && libc::dup2(memfd_raw, AGENT_MEMFD) < 0)
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -127,7 +134,7 @@ pub(super) async fn run_nsinit(
 
 /// SIGKILLs the init (its pid namespace, and so every process in it, dies with it) and waits
 /// until it is gone. Checks the start time first so a reused pid is never hit.
-pub(super) async fn kill_init(pid: u32, start_time: u64) {
+pub(crate) async fn kill_init(pid: u32, start_time: u64) {
     if !is_alive(pid, start_time) {
         return;
     }

@@ -1,10 +1,10 @@
 //! The namespace backend: Linux namespaces, cgroups, seccomp and an overlay root per sandbox,
 //! launched by `cordon-nsinit` (see ARCHITECTURE.md, "Launching a namespace sandbox").
 
-mod agent;
-mod capture;
-mod launch;
-mod store;
+pub(crate) mod agent;
+pub(crate) mod capture;
+pub(crate) mod launch;
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -70,7 +70,7 @@ impl NamespaceConfig {
 }
 
 /// Directory nesting a capture follows (each level holds two fds while it is copied).
-const CAPTURE_MAX_DEPTH: usize = 256;
+pub(crate) const CAPTURE_MAX_DEPTH: usize = 256;
 
 /// One sandbox as this process knows it; the lock serialises lifecycle operations on it.
 struct Slot {
@@ -216,7 +216,7 @@ impl NamespaceRuntime {
             &self.config.nsinit_binary,
             &plan,
             &listener,
-            &self.agent_memfd,
+            Some(&self.agent_memfd),
             self.config.boot_timeout,
         )
         .await;
@@ -308,6 +308,7 @@ impl Runtime for NamespaceRuntime {
                 max_entries: self.config.capture_max_entries,
                 max_depth: CAPTURE_MAX_DEPTH,
             },
+            guest_frozen: false,
         };
         let stats = tokio::task::spawn_blocking(move || capture.run())
             .await

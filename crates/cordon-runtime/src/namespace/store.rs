@@ -15,11 +15,11 @@ use crate::SandboxSpec;
 const SPEC: &str = "spec.json";
 const STATE: &str = "state.json";
 const SOCKET: &str = "agent.sock";
-pub(super) const AGENT_LOG: &str = "agent.log";
+pub(crate) const AGENT_LOG: &str = "agent.log";
 
 /// `state.json`: what must survive a restart of the host process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Record {
+pub(crate) struct Record {
     /// First host uid/gid of the sandbox's range (kept for its whole life).
     pub id_base: u32,
     /// The init's host pid and start time while the sandbox runs.
@@ -31,12 +31,12 @@ pub(super) struct Record {
 
 /// One sandbox's directory, with an `O_PATH` fd to it so socket paths stay short
 /// (`/proc/self/fd/N/agent.sock` fits `sun_path` whatever the state dir is).
-pub(super) struct SandboxDir {
+pub(crate) struct SandboxDir {
     path: PathBuf,
     fd: OwnedFd,
 }
 
-pub(super) fn create_private_dir(path: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), RuntimeError> {
     match DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -55,7 +55,7 @@ fn open_path_fd(path: &Path) -> Result<OwnedFd, RuntimeError> {
 
 impl SandboxDir {
     /// Creates the directory of a new sandbox; fails if it exists.
-    pub(super) fn create(sandboxes: &Path, id: &str) -> Result<SandboxDir, RuntimeError> {
+    pub(crate) fn create(sandboxes: &Path, id: &str) -> Result<SandboxDir, RuntimeError> {
         let path = sandboxes.join(id);
         match DirBuilder::new().mode(0o700).create(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -69,14 +69,14 @@ impl SandboxDir {
         })
     }
 
-    pub(super) fn open(path: PathBuf) -> Result<SandboxDir, RuntimeError> {
+    pub(crate) fn open(path: PathBuf) -> Result<SandboxDir, RuntimeError> {
         Ok(SandboxDir {
             fd: open_path_fd(&path)?,
             path,
         })
     }
 
-    pub(super) fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -104,11 +104,11 @@ impl SandboxDir {
         fs::rename(&tmp, self.path.join(name)).context(|| format!("rename {}", tmp.display()))
     }
 
-    pub(super) fn save_spec(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
+    pub(crate) fn save_spec(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         self.write_json(SPEC, spec)
     }
 
-    pub(super) fn save_record(&self, record: &Record) -> Result<(), RuntimeError> {
+    pub(crate) fn save_record(&self, record: &Record) -> Result<(), RuntimeError> {
         self.write_json(STATE, record)
     }
 
@@ -119,7 +119,7 @@ impl SandboxDir {
     }
 
     /// Binds a fresh listening socket for the agent channel (0600, host root only).
-    pub(super) fn bind_socket(&self) -> Result<std::os::unix::net::UnixListener, RuntimeError> {
+    pub(crate) fn bind_socket(&self) -> Result<std::os::unix::net::UnixListener, RuntimeError> {
         self.remove_socket();
         let path = self.short_path(SOCKET);
         let listener = std::os::unix::net::UnixListener::bind(&path)
@@ -129,19 +129,19 @@ impl SandboxDir {
         Ok(listener)
     }
 
-    pub(super) async fn connect_socket(&self) -> Result<tokio::net::UnixStream, RuntimeError> {
+    pub(crate) async fn connect_socket(&self) -> Result<tokio::net::UnixStream, RuntimeError> {
         let path = self.short_path(SOCKET);
         tokio::net::UnixStream::connect(&path)
             .await
             .context(|| format!("connect {}", self.path.join(SOCKET).display()))
     }
 
-    pub(super) fn remove_socket(&self) {
+    pub(crate) fn remove_socket(&self) {
         let _ = fs::remove_file(self.path.join(SOCKET));
     }
 
     /// The last line(s) of the agent's log, for error messages (bounded).
-    pub(super) fn agent_log_tail(&self) -> Option<String> {
+    pub(crate) fn agent_log_tail(&self) -> Option<String> {
         let mut file = File::open(self.path.join(AGENT_LOG)).ok()?;
         let len = file.metadata().ok()?.len();
         file.seek(SeekFrom::Start(len.saturating_sub(2048))).ok()?;
@@ -155,7 +155,7 @@ impl SandboxDir {
 
     /// Removes the directory and everything in it. `remove_dir_all` never follows symlinks,
     /// so a sandbox-made symlink in the writable layer cannot redirect it.
-    pub(super) fn remove_all(&self) {
+    pub(crate) fn remove_all(&self) {
         if let Err(error) = fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), %error, "removing sandbox directory");
         }
@@ -163,7 +163,7 @@ impl SandboxDir {
 }
 
 /// An exclusive `flock` held while the guard lives.
-pub(super) struct FileLock(File);
+pub(crate) struct FileLock(File);
 
 impl Drop for FileLock {
     fn drop(&mut self) {
@@ -172,7 +172,7 @@ impl Drop for FileLock {
     }
 }
 
-pub(super) fn lock_file(path: &Path) -> Result<FileLock, RuntimeError> {
+pub(crate) fn lock_file(path: &Path) -> Result<FileLock, RuntimeError> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -191,7 +191,7 @@ pub(super) fn lock_file(path: &Path) -> Result<FileLock, RuntimeError> {
 }
 
 /// Every sandbox in `sandboxes` with a readable spec and state, in no particular order.
-pub(super) fn scan(sandboxes: &Path) -> Vec<(SandboxDir, SandboxSpec, Record)> {
+pub(crate) fn scan(sandboxes: &Path) -> Vec<(SandboxDir, SandboxSpec, Record)> {
     let Ok(entries) = fs::read_dir(sandboxes) else {
         return Vec::new();
     };
@@ -223,15 +223,15 @@ pub(super) fn scan(sandboxes: &Path) -> Vec<(SandboxDir, SandboxSpec, Record)> {
 /// claiming sandbox's directory. Host-wide (not per state dir) so that sandboxes of different
 /// runtimes never share ids. A claim whose sandbox directory is gone, or whose `state.json`
 /// names another base, is stale and reclaimed.
-pub(super) struct IdRegistry(PathBuf);
+pub(crate) struct IdRegistry(PathBuf);
 
 impl IdRegistry {
-    pub(super) fn new(path: PathBuf) -> IdRegistry {
+    pub(crate) fn new(path: PathBuf) -> IdRegistry {
         IdRegistry(path)
     }
 
     /// Claims the lowest free range for the sandbox in `sandbox_dir` (which must exist).
-    pub(super) fn claim(&self, sandbox_dir: &Path) -> Result<u32, RuntimeError> {
+    pub(crate) fn claim(&self, sandbox_dir: &Path) -> Result<u32, RuntimeError> {
         fs::create_dir_all(&self.0).context(|| format!("create {}", self.0.display()))?;
         let _lock = lock_file(&self.0.join(".lock"))?;
         let used = self.live_claims();
@@ -241,7 +241,7 @@ impl IdRegistry {
     }
 
     /// Re-registers an adopted sandbox's range; false when another live sandbox holds it.
-    pub(super) fn reclaim(&self, base: u32, sandbox_dir: &Path) -> Result<bool, RuntimeError> {
+    pub(crate) fn reclaim(&self, base: u32, sandbox_dir: &Path) -> Result<bool, RuntimeError> {
         fs::create_dir_all(&self.0).context(|| format!("create {}", self.0.display()))?;
         let _lock = lock_file(&self.0.join(".lock"))?;
         match fs::read_to_string(self.0.join(base.to_string())) {
@@ -251,7 +251,7 @@ impl IdRegistry {
         }
     }
 
-    pub(super) fn release(&self, base: u32, sandbox_dir: &Path) {
+    pub(crate) fn release(&self, base: u32, sandbox_dir: &Path) {
         let _lock = lock_file(&self.0.join(".lock"));
         let claim = self.0.join(base.to_string());
         if fs::read_to_string(&claim).is_ok_and(|owner| Path::new(&owner) == sandbox_dir) {
@@ -302,7 +302,7 @@ fn claim_is_live(base: u32, sandbox_dir: &Path) -> bool {
 }
 
 /// Makes the writable layer: `rw/{upper,work}`, or a sparse ext4 image holding them.
-pub(super) async fn prepare_writable_layer(
+pub(crate) async fn prepare_writable_layer(
     layer: &WritableLayer,
     disk_bytes: Option<u64>,
 ) -> Result<(), RuntimeError> {

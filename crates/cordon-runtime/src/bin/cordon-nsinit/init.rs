@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result};
-use cordon_runtime::plan::{LaunchPlan, AGENT_MEMFD};
+use cordon_runtime::plan::{Jail, LaunchPlan, Payload, AGENT_MEMFD};
 use nix::fcntl::{fcntl, AtFlags, FcntlArg, FdFlag, OFlag};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::Mode;
@@ -59,7 +59,10 @@ fn setup_and_exec(
 
     // Step 4: the root filesystem.
     let idmap = (!plan.weaken.no_user_namespace).then(|| ns.user.as_fd());
-    mounts::mount_root(plan, idmap)?;
+    match &plan.payload {
+        Payload::Agent => mounts::mount_root(plan, idmap)?,
+        Payload::Jail(jail) => mounts::mount_jail_root(plan, jail)?,
+    }
     for procs in &plan.late_cgroup_procs {
         std::fs::write(procs, "0").with_context(|| format!("join cgroup {}", procs.display()))?;
     }
@@ -76,10 +79,15 @@ fn setup_and_exec(
         setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).context("setresgid")?;
         setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).context("setresuid")?;
     }
-    if !plan.weaken.all_capabilities {
-        privileges::drop_capabilities()?;
+    match (&plan.payload, plan.weaken.all_capabilities) {
+        (_, true) => {}
+        (Payload::Agent, false) => privileges::drop_capabilities()?,
+        (Payload::Jail(_), false) => privileges::drop_all_capabilities()?,
     }
     privileges::set_no_new_privs()?;
+    if let Payload::Jail(jail) = &plan.payload {
+        return exec_jailed(plan, jail, leaked, filters);
+    }
     prepare_fds(leaked)?;
     let (argv, envp) = exec_args(plan)?;
     if !plan.weaken.no_seccomp {
@@ -90,6 +98,33 @@ fn setup_and_exec(
     nix::unistd::execveat(memfd, c"", &argv, &envp, AtFlags::AT_EMPTY_PATH)
         .context("execveat the agent")?;
     unreachable!("execveat returned without an error")
+}
+
+/// Execs the jailed host binary with an empty environment; only fds 0-2 and the channel
+/// listener (fd 3) survive.
+fn exec_jailed(
+    plan: &LaunchPlan,
+    jail: &Jail,
+    leaked: Option<OwnedFd>,
+    filters: &[BpfProgram; seccomp::PROGRAMS],
+) -> Result<Infallible> {
+    drop(leaked);
+    sys::cloexec_from(4).context("mark fds close-on-exec")?;
+    let binary =
+        CString::new(jail.binary.as_os_str().as_encoded_bytes()).context("jailed binary path")?;
+    let argv = jail
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("jailed binary arguments")?;
+    if !plan.weaken.no_seccomp {
+        seccomp::install(filters)?;
+    }
+    let envp: [CString; 0] = [];
+    nix::unistd::execve(&binary, &argv, &envp)
+        .with_context(|| format!("execve {}", jail.binary.display()))?;
+    unreachable!("execve returned without an error")
 }
 
 /// Joins the net, uts and ipc namespaces the sandbox user namespace owns, while still host

@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
 use anyhow::{bail, ensure, Context, Result};
-use cordon_runtime::plan::{proc_stat, LaunchPlan, LaunchResult, AGENT_MEMFD, LISTEN_FD};
+use cordon_runtime::plan::{proc_stat, LaunchPlan, LaunchResult, Payload, AGENT_MEMFD, LISTEN_FD};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, pipe2, ForkResult};
@@ -39,7 +39,7 @@ fn run() -> Result<()> {
         .read_to_end(&mut input)
         .context("read the launch plan")?;
     let plan: LaunchPlan = serde_json::from_slice(&input).context("parse the launch plan")?;
-    check_inherited_fds()?;
+    check_inherited_fds(&plan)?;
     // Compile the filters before anything forks: no allocation is needed later.
     let filters = seccomp::programs()?;
 
@@ -100,8 +100,8 @@ fn move_high(fd: OwnedFd) -> OwnedFd {
     }
 }
 
-/// The runtime must have passed a socket on fd 3 and a sealed memfd on fd 4.
-fn check_inherited_fds() -> Result<()> {
+/// The runtime must have passed a socket on fd 3 and, for the agent, a sealed memfd on fd 4.
+fn check_inherited_fds(plan: &LaunchPlan) -> Result<()> {
     use nix::sys::stat::{fstat, SFlag};
     // SAFETY: only inspected, never closed through these borrows.
     let (listen, memfd) = unsafe {
@@ -116,6 +116,9 @@ fn check_inherited_fds() -> Result<()> {
         listen_kind == SFlag::S_IFSOCK.bits(),
         "fd 3 is not a socket"
     );
+    if matches!(plan.payload, Payload::Jail(_)) {
+        return Ok(());
+    }
     let seals = nix::fcntl::fcntl(memfd, nix::fcntl::FcntlArg::F_GET_SEALS)
         .context("fd 4 (agent memfd)")?;
     ensure!(

@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use cordon_runtime::plan::{LaunchPlan, WritableLayer};
+use cordon_runtime::plan::{Jail, LaunchPlan, Payload, WritableLayer, JAIL_VM_DIR};
 use nix::fcntl::{open, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{fstat, makedev, mkdirat, mknodat, Mode, SFlag};
@@ -149,6 +149,68 @@ pub fn mount_root(plan: &LaunchPlan, idmap: Option<BorrowedFd<'_>>) -> Result<()
         Some(_) => as_sandbox_root(plan.id_base, mount_overlay),
         None => mount_overlay(),
     }
+}
+
+/// Builds a jail root at `root` under the staging tmpfs (left the cwd): a small tmpfs holding
+/// the jail's read-only host binds, its links, the VM's directory (read-write, noexec) and
+/// the mount points `populate` fills, then made read-only. Nothing of the host is visible but
+/// what the plan names. The host paths come from the runtime, never from a sandbox.
+pub fn mount_jail_root(plan: &LaunchPlan, jail: &Jail) -> Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make / private")?;
+    let staging = plan.sandbox_dir.join("mnt");
+    mkdir(&staging, 0o700)?;
+    std::env::set_current_dir(&staging).context("chdir to staging")?;
+    mkdir("root", 0o755)?;
+    mount(
+        Some("tmpfs"),
+        "root",
+        Some("tmpfs"),
+        flags_nosuid_nodev(),
+        Some("mode=755,size=256k,nr_inodes=256"),
+    )
+    .context("mount the jail root tmpfs")?;
+    for dir in ["dev", "proc", "sys", "tmp"] {
+        mkdir(Path::new("root").join(dir), 0o755)?;
+    }
+    let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    for source in &jail.ro_binds {
+        let relative = source
+            .strip_prefix("/")
+            .with_context(|| format!("jail bind {} is not absolute", source.display()))?;
+        let target = Path::new("root").join(relative);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+        }
+        attach_layer(source, &target.to_string_lossy(), None, ro)
+            .with_context(|| format!("bind {} read-only", source.display()))?;
+    }
+    for (name, target) in &jail.links {
+        std::os::unix::fs::symlink(target, Path::new("root").join(name))
+            .with_context(|| format!("symlink /{name}"))?;
+    }
+    let vm = format!("root{JAIL_VM_DIR}");
+    attach_layer(
+        &jail.vm_dir,
+        &vm,
+        None,
+        sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC,
+    )
+    .context("bind the VM directory")?;
+    mount(
+        None::<&str>,
+        "root",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | flags_nosuid_nodev(),
+        None::<&str>,
+    )
+    .context("make the jail root read-only")
 }
 
 /// Runs `f` with fsuid/fsgid set to the sandbox root's host id, capabilities intact.
@@ -419,6 +481,7 @@ fn make_device_nodes(plan: &LaunchPlan, dev: BorrowedFd<'_>) -> Result<()> {
     });
     nix::sys::stat::umask(old_umask);
     made?;
+    make_jail_devices(plan, dev)?;
     for (link, target) in DEV_LINKS {
         symlinkat(*target, dev, *link).with_context(|| format!("symlink /dev/{link}"))?;
     }
@@ -429,6 +492,34 @@ fn make_device_nodes(plan: &LaunchPlan, dev: BorrowedFd<'_>) -> Result<()> {
         fchownat(
             dev,
             name,
+            id.map(Uid::from_raw),
+            id.map(Gid::from_raw),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .with_context(|| format!("chown /dev/{name}"))?;
+    }
+    Ok(())
+}
+
+/// The extra device nodes of a jail (`/dev/kvm`), 0600 and owned by the range's id 0: the
+/// jailed process, never anything else.
+fn make_jail_devices(plan: &LaunchPlan, dev: BorrowedFd<'_>) -> Result<()> {
+    let Payload::Jail(jail) = &plan.payload else {
+        return Ok(());
+    };
+    for (name, major, minor) in &jail.devices {
+        mknodat(
+            dev,
+            name.as_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            makedev(*major, *minor),
+        )
+        .with_context(|| format!("mknod /dev/{name}"))?;
+        let id = Some(plan.id_base);
+        fchownat(
+            dev,
+            name.as_str(),
             id.map(Uid::from_raw),
             id.map(Gid::from_raw),
             AtFlags::AT_SYMLINK_NOFOLLOW,

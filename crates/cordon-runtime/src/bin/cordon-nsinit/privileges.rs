@@ -42,6 +42,20 @@ pub fn drop_capabilities() -> Result<()> {
     Ok(())
 }
 
+/// Drops every capability from every set, the bounding set included, so not even an execve
+/// as the namespace's root gets any back (the microVM backend's jailed QEMU).
+pub fn drop_all_capabilities() -> Result<()> {
+    caps::clear(None, CapSet::Ambient).context("clear ambient capabilities")?;
+    for cap in caps::all() {
+        caps::drop(None, CapSet::Bounding, cap)
+            .with_context(|| format!("drop {cap} from the bounding set"))?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).with_context(|| format!("clear {set:?} capabilities"))?;
+    }
+    Ok(())
+}
+
 pub fn set_no_new_privs() -> Result<()> {
     nix::sys::prctl::set_no_new_privs().context("set no_new_privs")
 }
