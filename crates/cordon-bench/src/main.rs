@@ -1,6 +1,6 @@
 //! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios
 //! (design/TARGETS.md). `CORDON_BENCH=p1,p5` picks sections (default all: p2, start, p1, p4,
-//! p5, p6, p7, p8, p9, p10, images); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
+//! p5, p6, p7, p8, p9, p10, images, egress); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
 //!
 //! - P2: exec round trip of `true` from a Rust client over the WebSocket API, through the
 //!   channel, beside a host spawn of `true` and a `bwrap … true`.
@@ -22,6 +22,10 @@
 //!   (empty layer store) beside `skopeo copy` + `tar -xzf` of its layers, and warm (layers
 //!   present); sandbox create + start from the pulled layers with a 1 GiB disk limit, beside
 //!   the busybox rootfs with the same limit and `bwrap … true`. Knobs in `image_metrics.rs`.
+//! - egress: HTTPS GET latency (new connection, keep-alive) and download throughput through
+//!   the egress proxy (in process, `serve_tcp`), spliced (CONNECT to a host no rule matches)
+//!   and intercepted (a header rule matches), beside the same requests sent directly to the
+//!   same local HTTPS upstream. Knobs in `egress_metrics.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +40,7 @@ use cordon_testkit::{spec, test_rootfs, TestOptions};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod egress_metrics;
 mod image_metrics;
 mod pool_metrics;
 mod target_metrics;
@@ -126,6 +131,11 @@ async fn main() -> Result<()> {
         if let Err(error) = image_metrics::images(&runtime, state.path(), &bwrap, &mut table).await
         {
             table.notes.push(format!("images: not measured: {error:#}"));
+        }
+    }
+    if sections.has("egress") {
+        if let Err(error) = egress_metrics::egress(&mut table).await {
+            table.notes.push(format!("egress: not measured: {error:#}"));
         }
     }
     if sections.has("p3") {

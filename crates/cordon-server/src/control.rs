@@ -112,7 +112,18 @@ fn parse_create(
         base: None,
         template_name: None,
         template_id: None,
+        runtime: f.runtime().unwrap_or(app.sandboxes.default_runtime),
+        proxy_config: None,
     };
+    if !app.sandboxes.supports(record.runtime) {
+        f.errors.push(crate::error::FieldError::value(
+            "runtime",
+            format!(
+                "the {} runtime is not available on this server",
+                record.runtime.as_str()
+            ),
+        ));
+    }
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
     }
@@ -156,9 +167,17 @@ pub async fn create(
     request.record.snapshot_id = snapshot_id;
     request.record.base = Some(base);
     request.record.fs_capacity_bytes = request.record.fs_capacity_bytes.or(default_fs_capacity);
-    if let Some(warm) = app
-        .pools
-        .try_claim(&workspace.0, &request, template.as_ref(), &body)?
+    request.record.proxy_config =
+        proxy_config_for_create(&app, &request.record, &body, template.as_ref())?;
+    // A warm sandbox has no proxy_config of its own.
+    let claimable = request.record.proxy_config.is_none();
+    if let Some(warm) = claimable
+        .then(|| {
+            app.pools
+                .try_claim(&workspace.0, &request, template.as_ref(), &body)
+        })
+        .transpose()?
+        .flatten()
     {
         return Ok(sandbox_response(&app, &headers, &warm));
     }
@@ -187,6 +206,28 @@ pub async fn create(
             settled.status_message.unwrap_or_default()
         ))),
     }
+}
+
+/// The create's `proxy_config`, else its template's: validated, compiled once, sealed.
+fn proxy_config_for_create(
+    app: &App,
+    record: &SandboxRecord,
+    body: &Map<String, Value>,
+    template: Option<&crate::templates::TemplateRecord>,
+) -> Result<Option<crate::egress::StoredProxyConfig>, ApiError> {
+    let Some(egress) = &app.sandboxes.egress else {
+        return Ok(None);
+    };
+    let config = match body.get("proxy_config").filter(|v| !v.is_null()) {
+        Some(value) => Some(crate::egress::Egress::parse(value)?),
+        None => match template {
+            Some(template) => egress.template_config(template)?,
+            None => None,
+        },
+    };
+    config
+        .map(|config| egress.seal(&record.id, &config))
+        .transpose()
 }
 
 fn check_quota(app: &App, workspace: &Workspace) -> Result<(), ApiError> {
@@ -306,6 +347,13 @@ pub async fn update(
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
     }
+    let proxy_config = body.get("proxy_config").filter(|v| !v.is_null());
+    if let Some(value) = proxy_config {
+        let egress = app.sandboxes.egress.as_ref().ok_or_else(|| {
+            ApiError::Invalid("proxy_config: egress is disabled on this server".into())
+        })?;
+        egress.update(&mut record, value)?;
+    }
     record.name = new_name.unwrap_or(record.name);
     record.idle_ttl_seconds = idle.unwrap_or(record.idle_ttl_seconds);
     record.delete_after_stop_seconds = delete_after.unwrap_or(record.delete_after_stop_seconds);
@@ -315,7 +363,7 @@ pub async fn update(
     }
     record.updated_at = now_ms();
     app.sandboxes.store.update(&record)?;
-    if run_config.is_some() && record.status == Status::Ready {
+    if (run_config.is_some() || proxy_config.is_some()) && record.status == Status::Ready {
         // Later commands see the change; a stopped sandbox gets it on its next start.
         if let Err(error) = app.sandboxes.push_config(&record).await {
             tracing::warn!(sandbox = %record.id, %error, "pushing the new run_config");
@@ -332,6 +380,10 @@ pub async fn delete(
 ) -> ApiResult {
     let record = find(&app, &workspace, &name)?;
     app.sandboxes.delete(&record.id)?;
+    if let Some(egress) = &app.sandboxes.egress {
+        egress.forget(&record.id);
+        let _ = app.sandboxes.store.delete_egress_events(&record.id);
+    }
     tracing::info!(sandbox = %record.id, name = %record.name, "sandbox deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

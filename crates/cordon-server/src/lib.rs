@@ -5,6 +5,7 @@
 mod control;
 mod dataplane;
 mod download_links;
+mod egress;
 mod error;
 mod forwarding;
 mod lifecycle;
@@ -44,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use cordon_image::RegistryConfig;
+pub use egress::EgressSettings;
 pub use error::ApiError;
 pub use pools::PoolsConfig;
 pub use secret_sealing::SealingError;
@@ -84,6 +86,8 @@ pub enum ServerError {
     },
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("egress proxy: {0}")]
+    Egress(String),
 }
 
 /// Everything `cordon serve` is configured with.
@@ -108,6 +112,10 @@ pub struct ServerConfig {
     pub service_links: ServiceLinksConfig,
     /// Warm pools: pass tick, demand window, scale-down cool-down, host budget.
     pub pools: PoolsConfig,
+    /// The backend of a create that names no `runtime` (`--default-runtime`).
+    pub default_runtime: cordon_runtime::Backend,
+    /// The egress proxy (`--allow-egress-cidr`, `--egress-ca`, `--egress-resolver`, …).
+    pub egress: EgressSettings,
 }
 
 /// A workspace: one per API key, named by a hash of the key so the key is never stored.
@@ -238,6 +246,12 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/boxes/{name}/snapshot", post(snapshots::routes::capture))
         .route("/boxes/{name}/service-url", post(service_urls::mint))
         .route("/boxes/{name}/download-url", post(download_links::mint))
+        .route("/boxes/{name}/egress", get(egress::list_events))
+        .route("/secrets", get(egress::list_secrets))
+        .route(
+            "/secrets/{name}",
+            axum::routing::put(egress::put_secret).delete(egress::delete_secret),
+        )
         .route(
             "/snapshots",
             get(snapshots::routes::list).post(snapshots::routes::create),
@@ -375,13 +389,20 @@ pub async fn serve_until(
     let store = Arc::new(store::Store::open(&config.data_dir.join("cordon.db"))?);
     let layers = Arc::new(LayerStore::open(config.data_dir.join("layers"))?);
     let reclaim_wanted = Arc::new(tokio::sync::Notify::new());
-    let sandboxes = Arc::new(sandboxes::Sandboxes::new(
+    let mut sandboxes = sandboxes::Sandboxes::new(
         store.clone(),
         runtime,
         config.snapshot,
         layers.clone(),
         reclaim_wanted.clone(),
-    ));
+    );
+    sandboxes.default_runtime = config.default_runtime;
+    if config.egress.enabled {
+        let egress = egress::Egress::start(&config.egress, &config.data_dir, store.clone())
+            .map_err(ServerError::Egress)?;
+        sandboxes.egress = Some(egress);
+    }
+    let sandboxes = Arc::new(sandboxes);
     sandboxes
         .reconcile()
         .await

@@ -84,6 +84,13 @@ pub struct SandboxRecord {
     /// Its id: what keeps the template from being deleted, whatever it is renamed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_id: Option<String>,
+    /// The backend that runs it (Cordon extension `runtime`); records written before the
+    /// microVM backend existed are namespace sandboxes.
+    #[serde(default)]
+    pub runtime: cordon_runtime::Backend,
+    /// `proxy_config` (spec §6.1), sealed, with the redacted copy responses show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_config: Option<crate::egress::StoredProxyConfig>,
 }
 
 impl SandboxRecord {
@@ -109,6 +116,9 @@ impl SandboxRecord {
             "persistent": self.persistent,
             "labels": self.labels,
             "run_config": self.run_config.over(snapshot_run_config),
+            // Cordon extensions: the backend, and the isolation the sandbox really has.
+            "runtime": self.runtime.as_str(),
+            "isolation": cordon_runtime::isolation_of(self.runtime).as_str(),
         });
         if let Some(map) = object.as_object_mut() {
             if let Some(delegation) = &self.access_delegation {
@@ -116,6 +126,9 @@ impl SandboxRecord {
             }
             if let Some(template) = &self.template_name {
                 map.insert("template_name".into(), template.clone().into());
+            }
+            if let Some(proxy_config) = &self.proxy_config {
+                map.insert("proxy_config".into(), proxy_config.redacted.clone());
             }
         }
         object

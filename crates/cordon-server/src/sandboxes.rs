@@ -43,6 +43,10 @@ pub struct Sandboxes {
     activity: Mutex<HashMap<String, Activity>>,
     /// Woken on every status change; waiters re-read the store.
     status_changed: Notify,
+    /// The backend of a create that names none (`cordon serve --default-runtime`).
+    pub default_runtime: cordon_runtime::Backend,
+    /// The egress proxy behind every sandbox's relay; `None` with `--no-egress`.
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -69,6 +73,8 @@ impl Sandboxes {
             locks: Mutex::default(),
             activity: Mutex::default(),
             status_changed: Notify::new(),
+            default_runtime: cordon_runtime::Backend::Namespace,
+            egress: None,
         }
     }
 
@@ -102,6 +108,17 @@ impl Sandboxes {
             record.status_message = message.or(record.status_message.take());
             self.store.update(&record)?;
             self.touch(&record.id);
+            if status == Status::Ready && self.egress.is_some() {
+                // Commands that outlived the old server need the egress relay's session back
+                // now, not at the next data-plane request.
+                let connect = self.agent(&record.id);
+                if tokio::time::timeout(Duration::from_secs(2), connect)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(sandbox = %record.id, "agent not reachable for egress");
+                }
+            }
         }
         for id in adopted.keys() {
             if self.store.get_by_id(id)?.is_none() {
@@ -254,6 +271,11 @@ impl Sandboxes {
             .collect()
     }
 
+    /// Whether the runtime can run sandboxes of `backend`.
+    pub fn supports(&self, backend: cordon_runtime::Backend) -> bool {
+        self.runtime.supports(backend)
+    }
+
     fn spec_for(&self, record: &SandboxRecord) -> SandboxSpec {
         SandboxSpec {
             id: record.id.clone(),
@@ -266,6 +288,7 @@ impl Sandboxes {
             },
             hostname: "sandbox".into(),
             agent_config: self.agent_config(record),
+            backend: record.runtime,
             weaken: Default::default(),
         }
     }
@@ -273,6 +296,10 @@ impl Sandboxes {
     fn agent_config(&self, record: &SandboxRecord) -> AgentConfig {
         AgentConfig {
             run_config: record.run_config.over(self.base_run_config(record)),
+            egress: self
+                .egress
+                .as_ref()
+                .map(|egress| egress.agent_config(record)),
             ..AgentConfig::default()
         }
     }
@@ -312,7 +339,15 @@ impl Sandboxes {
             .open_channel(id)
             .await
             .map_err(|e| ApiError::AgentUnreachable(e.to_string()))?;
-        let client = AgentClient::connect(io);
+        let client = match &self.egress {
+            Some(egress) => {
+                let client =
+                    AgentClient::connect_with_inbound(io, egress.inbound_handler(id.into()));
+                attach_egress_session(&client, id).await;
+                client
+            }
+            None => AgentClient::connect(io),
+        };
         lock(&self.clients).insert(id.to_string(), client.clone());
         Ok(client)
     }
@@ -476,5 +511,24 @@ fn snapshot_uuid(digest: &str) -> String {
     match u128::from_str_radix(&hex, 16) {
         Ok(value) if hex.len() == 32 => uuid::Uuid::from_u128(value).to_string(),
         _ => uuid::Uuid::nil().to_string(),
+    }
+}
+
+/// Makes `client`'s session the one the agent's egress relay opens its streams on. A failure
+/// (an old agent) only leaves the sandbox without a way out.
+async fn attach_egress_session(client: &AgentClient, id: &str) {
+    let request = http::Request::put(format!(
+        "http://agent{}",
+        cordon_api::agent::EGRESS_SESSION_PATH
+    ))
+    .body(Bytes::new());
+    let attached = match request {
+        Ok(request) => client.request_bytes(request).await.map(|r| r.status()),
+        Err(error) => Err(error.into()),
+    };
+    match attached {
+        Ok(status) if status.is_success() => {}
+        Ok(status) => tracing::warn!(sandbox = %id, %status, "agent refused the egress session"),
+        Err(error) => tracing::warn!(sandbox = %id, %error, "attaching the egress session"),
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::control::json_object;
+use crate::egress::StoredProxyConfig;
 use crate::error::{ApiError, FieldError};
 use crate::model::{iso8601, now_ms};
 use crate::snapshots::names::ImageReference;
@@ -73,8 +74,18 @@ pub struct TemplateRecord {
     /// Accepted and echoed; volumes are not implemented, so nothing is mounted.
     pub volume_mounts: Vec<Value>,
     pub run_config: Option<RunConfig>,
-    /// Stored and echoed, like a sandbox's (not enforced).
-    pub proxy_config: Option<Value>,
+    /// `proxy_config` (spec §6.1), sealed (bound to the template id), with the redacted copy
+    /// responses show; applied to the sandboxes made from the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_proxy_config: Option<StoredProxyConfig>,
+    /// A `proxy_config` an older server stored in plaintext: still read and applied, sealed
+    /// at the template's next save.
+    #[serde(
+        default,
+        rename = "proxy_config",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub legacy_proxy_config: Option<Value>,
     pub runtime: Option<String>,
     pub idle_ttl_seconds: Option<u64>,
     pub delete_after_stop_seconds: Option<u64>,
@@ -110,7 +121,7 @@ impl TemplateRecord {
             "fs_capacity_bytes": r.fs_capacity_bytes,
             "volume_mounts": self.volume_mounts,
             "run_config": self.run_config,
-            "proxy_config": self.proxy_config,
+            "proxy_config": self.redacted_proxy_config(),
             "runtime": self.runtime,
             "idle_ttl_seconds": self.idle_ttl_seconds,
             "delete_after_stop_seconds": self.delete_after_stop_seconds,
@@ -126,7 +137,20 @@ impl TemplateRecord {
         self.run_config
             .as_ref()
             .is_some_and(|c| *c != RunConfig::default())
-            || self.proxy_config.is_some()
+            || self.has_proxy_config()
+    }
+
+    pub fn has_proxy_config(&self) -> bool {
+        self.sealed_proxy_config.is_some() || self.legacy_proxy_config.is_some()
+    }
+
+    /// The `proxy_config` responses show: opaque and key material replaced by `is_set`.
+    fn redacted_proxy_config(&self) -> Option<Value> {
+        match (&self.sealed_proxy_config, &self.legacy_proxy_config) {
+            (Some(stored), _) => Some(stored.redacted.clone()),
+            (None, Some(legacy)) => Some(crate::egress::redacted_json(legacy)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -305,6 +329,31 @@ fn parse_proxy_config(f: &mut Fields) -> Option<Value> {
     Some(config)
 }
 
+/// Sets the template's `proxy_config` from the body's (null clears it): validated and
+/// compiled like a sandbox's, sealed at rest. Also seals a plaintext one left by an older
+/// server.
+fn apply_proxy_config(
+    app: &App,
+    given: Option<Value>,
+    template: &mut TemplateRecord,
+) -> Result<(), ApiError> {
+    let egress = app.sandboxes.egress.as_ref();
+    match (given, egress) {
+        (None, Some(egress)) => egress.seal_legacy(template),
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(ApiError::Invalid(
+                "proxy_config: egress is disabled on this server".into(),
+            ))
+        }
+        (Some(value), Some(egress)) => {
+            template.sealed_proxy_config = Some(egress.template_update(template, &value)?);
+            template.legacy_proxy_config = None;
+        }
+    }
+    Ok(())
+}
+
 fn parse_runtime(f: &mut Fields) -> Option<String> {
     let runtime = f.string("runtime")?;
     if !RUNTIMES.contains(&runtime.as_str()) {
@@ -479,8 +528,13 @@ fn apply_body(
     if body.contains_key("run_config") {
         template.run_config = f.run_config();
     }
+    let mut proxy_config = None;
     if body.contains_key("proxy_config") {
-        template.proxy_config = parse_proxy_config(&mut f);
+        proxy_config = parse_proxy_config(&mut f);
+        if proxy_config.is_none() {
+            template.sealed_proxy_config = None;
+            template.legacy_proxy_config = None;
+        }
     }
     if body.contains_key("runtime") {
         template.runtime = parse_runtime(&mut f);
@@ -494,6 +548,7 @@ fn apply_body(
     if !f.errors.is_empty() {
         return Err(ApiError::Validation(f.errors));
     }
+    apply_proxy_config(app, proxy_config, template)?;
     Ok(to_build)
 }
 
@@ -613,7 +668,8 @@ pub async fn create(
         resources: default_resources(),
         volume_mounts: Vec::new(),
         run_config: None,
-        proxy_config: None,
+        sealed_proxy_config: None,
+        legacy_proxy_config: None,
         runtime: None,
         idle_ttl_seconds: None,
         delete_after_stop_seconds: None,
@@ -727,6 +783,39 @@ mod tests {
         assert_eq!(parse_bytes("1Pi"), None);
         assert_eq!(parse_bytes("Mi"), None);
         assert_eq!(parse_bytes("99999999999999999999Gi"), None);
+    }
+
+    /// A record an older server wrote keeps its plaintext `proxy_config` readable (shown
+    /// redacted); a new record writes only the sealed form.
+    #[test]
+    fn legacy_plaintext_proxy_config_still_loads() {
+        let legacy = json!({
+            "id": "t1", "workspace": "w", "name": "old", "image": "system/default",
+            "resources": {"cpu": "500m", "memory": "512Mi", "storage": null,
+                "cpu_millicores": 500, "mem_bytes": 536870912, "fs_capacity_bytes": null},
+            "volume_mounts": [], "run_config": null,
+            "proxy_config": {"rules": [{"name": "api", "match_hosts": ["api.test"],
+                "headers": [{"name": "x-key", "type": "opaque", "value": "legacy-secret"}]}]},
+            "runtime": null, "idle_ttl_seconds": null, "delete_after_stop_seconds": null,
+            "created_at": 1, "updated_at": 1
+        });
+        let mut record: TemplateRecord = serde_json::from_value(legacy).unwrap();
+        assert!(record.legacy_proxy_config.is_some() && record.sealed_proxy_config.is_none());
+        assert!(record.has_sandbox_settings());
+        let shown = record.to_json(None)["proxy_config"].clone();
+        assert_eq!(shown["rules"][0]["headers"][0]["is_set"], true, "{shown}");
+        assert!(!shown.to_string().contains("legacy-secret"), "{shown}");
+
+        record.legacy_proxy_config = None;
+        record.sealed_proxy_config = Some(StoredProxyConfig {
+            sealed: "c2VhbGVk".into(),
+            redacted: shown.clone(),
+        });
+        let written = serde_json::to_value(&record).unwrap();
+        assert!(written.get("proxy_config").is_none(), "{written}");
+        let back: TemplateRecord = serde_json::from_value(written).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(back.to_json(None)["proxy_config"], shown);
     }
 
     #[test]

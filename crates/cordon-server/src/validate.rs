@@ -53,6 +53,18 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// `runtime` (Cordon extension): `namespace` or `microvm`.
+    pub fn runtime(&mut self) -> Option<cordon_runtime::Backend> {
+        let value = self.string("runtime")?;
+        match value.parse() {
+            Ok(backend) => Some(backend),
+            Err(_) => {
+                self.fail("runtime", "Input should be 'namespace' or 'microvm'");
+                None
+            }
+        }
+    }
+
     pub fn boolean(&mut self, field: &str) -> Option<bool> {
         match self.present(field) {
             None => None,

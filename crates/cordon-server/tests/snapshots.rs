@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{raw, Server, CA_ENV, INSECURE_ENV, KEY, OTHER_KEY};
+use common::{raw, Server, CA_ENV, INSECURE_ENV, INTERNAL_ENV, KEY, OTHER_KEY};
 use cordon_testkit::registry::{busybox_image, TestRegistry};
 use cordon_testkit::TestStateDir;
 use serde_json::{json, Value};
@@ -357,6 +357,7 @@ async fn builds_tags_lookups_capture_and_delete_while_in_use() {
     let env = [
         (INSECURE_ENV, open.address().to_string()),
         (CA_ENV, auth.ca_path().unwrap().display().to_string()),
+        (INTERNAL_ENV, auth.address().to_string()),
     ];
     let mut server = Server::start_with(dir.path(), port, &env).await;
 

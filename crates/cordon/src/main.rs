@@ -29,7 +29,7 @@ enum Command {
     /// Build the default snapshot into the cache (minutes the first time, then instant).
     Prepare(PrepareArgs),
     /// Serve the LangSmith Sandbox API (control plane and data plane).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work with the snapshots of a running server.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -68,9 +68,38 @@ struct ServeArgs {
     /// The cordon-nsinit launcher (default: next to this executable).
     #[arg(long, env = "CORDON_NSINIT_BIN")]
     nsinit_bin: Option<PathBuf>,
+    /// The backend of a sandbox whose create names no `runtime`: `namespace`, or `microvm`
+    /// (QEMU microVMs; needs the guest kernel from `cordon prepare`). microVMs are available
+    /// per sandbox whenever the guest kernel is prepared.
+    #[arg(long, default_value = "namespace", value_parser = parse_backend)]
+    default_runtime: cordon_runtime::Backend,
+    /// An internal range (CIDR) sandboxes may reach through the egress proxy anyway; private,
+    /// loopback, link-local, CGNAT and metadata ranges are refused otherwise. Repeatable.
+    #[arg(long = "allow-egress-cidr", value_name = "CIDR")]
+    allow_egress_cidrs: Vec<ipnet::IpNet>,
+    /// A PEM file of CA certificates the egress proxy trusts for upstreams besides the
+    /// system's. Repeatable.
+    #[arg(long = "egress-ca", value_name = "FILE")]
+    egress_cas: Vec<PathBuf>,
+    /// The DNS server (IP:PORT) the egress proxy resolves with instead of the system's
+    /// (tests).
+    #[arg(long, value_name = "IP:PORT")]
+    egress_resolver: Option<std::net::SocketAddr>,
+    /// Let sandboxes reach any port through the egress proxy, not only 80 and 443.
+    #[arg(long)]
+    egress_any_port: bool,
+    /// No egress proxy: sandboxes have no way out at all (loopback only).
+    #[arg(long)]
+    no_egress: bool,
     /// A registry (HOST:PORT) spoken to over plain HTTP. Repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// An HTTPS registry (HOST:PORT, as image references name it) that image pulls may reach
+    /// on an internal address (loopback, private, link-local...). Every other registry, token
+    /// server and redirect must resolve to public addresses (--insecure-registry implies this).
+    /// Repeatable.
+    #[arg(long = "internal-registry", value_name = "HOST:PORT")]
+    internal_registries: Vec<String>,
     /// A PEM file of CA certificates trusted for registries besides the system's. Repeatable.
     #[arg(long = "registry-ca", value_name = "FILE")]
     registry_cas: Vec<PathBuf>,
@@ -171,7 +200,7 @@ async fn main() -> Result<()> {
             std::process::exit(code);
         }
         Command::Prepare(args) => prepare(args),
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Snapshot(SnapshotCommand::Import(args)) => snapshot_import::import(args).await,
     }
 }
@@ -196,8 +225,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.signing_key_rotation == 0 {
         bail!("--signing-key-rotation must be at least 1 second");
     }
-    let registry = registry_config(args.insecure_registries, &args.registry_cas)?;
-    let cache_dir = args.cache_dir;
+    let registry = registry_config(
+        args.insecure_registries,
+        args.internal_registries,
+        &args.registry_cas,
+    )?;
+    let cache_dir = args.cache_dir.clone();
     let snapshot = tokio::task::spawn_blocking(move || {
         cordon_image::default_snapshot::prepare(&cache_dir, &mut |line| tracing::info!("{line}"))
     })
@@ -207,12 +240,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&args.data_dir)
         .with_context(|| format!("data dir {}", args.data_dir.display()))?;
-    let runtime = NamespaceRuntime::new(NamespaceConfig::new(
+    let agent_bin = args.agent_bin.map_or_else(default_agent_binary, Ok)?;
+    let nsinit_bin = args
+        .nsinit_bin
+        .map_or_else(|| beside_this_executable("cordon-nsinit"), Ok)?;
+    let namespace = NamespaceRuntime::new(NamespaceConfig::new(
         &args.data_dir,
-        args.agent_bin.map_or_else(default_agent_binary, Ok)?,
-        args.nsinit_bin
-            .map_or_else(|| beside_this_executable("cordon-nsinit"), Ok)?,
+        agent_bin.clone(),
+        nsinit_bin.clone(),
     ))?;
+    let microvm = microvm_runtime(
+        &args.cache_dir,
+        &args.data_dir,
+        &agent_bin,
+        &nsinit_bin,
+        args.default_runtime,
+    )
+    .await?;
+    let runtime = cordon_runtime::Runtimes::new(std::sync::Arc::new(namespace), microvm);
     let config = cordon_server::ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -241,25 +286,84 @@ async fn serve(args: ServeArgs) -> Result<()> {
             memory_budget_bytes: args.pool_memory_budget_bytes,
             cpu_budget_millicores: args.pool_cpu_budget_millicores,
         },
+        default_runtime: args.default_runtime,
+        egress: cordon_server::EgressSettings {
+            enabled: !args.no_egress,
+            allowed_cidrs: args.allow_egress_cidrs,
+            extra_roots: args.egress_cas,
+            resolver: args.egress_resolver,
+            any_port: args.egress_any_port,
+        },
     };
     cordon_server::serve(config, std::sync::Arc::new(runtime)).await?;
     Ok(())
 }
 
-/// `--insecure-registry` and `--registry-ca`, checked: each CA file must hold a PEM
-/// certificate.
+fn parse_backend(value: &str) -> Result<cordon_runtime::Backend, String> {
+    value.parse()
+}
+
+/// The microVM backend when the guest kernel is prepared (its initramfs built with this
+/// agent, the KVM probe run); required with `--default-runtime microvm`. Its state lives in
+/// `<data>/microvm`, apart from the namespace backend's.
+async fn microvm_runtime(
+    cache_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    agent_bin: &std::path::Path,
+    nsinit_bin: &std::path::Path,
+    default: cordon_runtime::Backend,
+) -> Result<Option<std::sync::Arc<cordon_runtime::MicrovmRuntime>>> {
+    let Some(guest) = cordon_image::guest::load_guest_kernel(cache_dir) else {
+        if default == cordon_runtime::Backend::Microvm {
+            bail!(
+                "--default-runtime microvm needs the guest kernel: run `cordon prepare` (cache dir {})",
+                cache_dir.display()
+            );
+        }
+        tracing::info!("no guest kernel prepared: microVM sandboxes are unavailable");
+        return Ok(None);
+    };
+    let state_dir = data_dir.join("microvm");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&state_dir)
+        .with_context(|| format!("microvm state dir {}", state_dir.display()))?;
+    let initramfs = state_dir.join("initramfs.build");
+    cordon_image::guest::build_initramfs(&guest, agent_bin, &initramfs)
+        .context("building the microVM initramfs")?;
+    let runtime = cordon_runtime::MicrovmRuntime::new(cordon_runtime::MicrovmConfig::new(
+        &state_dir,
+        nsinit_bin,
+        &guest.kernel,
+        &initramfs,
+    ))?;
+    let isolation = runtime.isolation_now().await;
+    tracing::info!(isolation = isolation.as_str(), "microVM backend ready");
+    Ok(Some(std::sync::Arc::new(runtime)))
+}
+
+/// `--insecure-registry`, `--internal-registry` and `--registry-ca`, checked: each CA file
+/// must hold a PEM certificate.
 fn registry_config(
     insecure_registries: Vec<String>,
+    internal_registries: Vec<String>,
     ca_files: &[PathBuf],
 ) -> Result<cordon_server::RegistryConfig> {
-    for registry in &insecure_registries {
+    let named = insecure_registries
+        .iter()
+        .map(|r| ("--insecure-registry", r))
+        .chain(
+            internal_registries
+                .iter()
+                .map(|r| ("--internal-registry", r)),
+        );
+    for (flag, registry) in named {
         let valid = !registry.is_empty()
             && !registry.contains('/')
             && registry.bytes().all(|b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
             });
         if !valid {
-            bail!("--insecure-registry {registry:?}: expected HOST:PORT");
+            bail!("{flag} {registry:?}: expected HOST:PORT");
         }
     }
     let mut extra_root_pems = Vec::new();
@@ -274,10 +378,11 @@ fn registry_config(
     Ok(cordon_server::RegistryConfig {
         insecure_registries,
         extra_root_pems,
+        internal_registries,
     })
 }
 
-/// Prepares the default snapshot, printing progress to stderr and a summary to stdout.
+/// Prepares the default snapshot and the microVM guest kernel, printing progress to stderr and a summary to stdout.
 fn prepare(args: PrepareArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let snapshot =
@@ -286,6 +391,11 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     println!("{} {}", snapshot.name, snapshot.id);
     println!("  layer:   {}", snapshot.path.display());
     println!("  size:    {} MiB", snapshot.size_bytes >> 20);
+    let guest =
+        cordon_image::guest::prepare_guest_kernel(&args.cache_dir, &mut |line| eprintln!("{line}"))
+            .context("preparing the microVM guest kernel")?;
+    println!("microVM guest kernel {} ({:?})", guest.release, guest.boot);
+    println!("  kernel:  {}", guest.kernel.display());
     println!("  took:    {:.1?}", started.elapsed());
     Ok(())
 }
@@ -316,6 +426,7 @@ async fn sandbox_exec(args: ExecArgs) -> Result<i32> {
             },
             hostname: "sandbox".into(),
             agent_config: AgentConfig::default(),
+            backend: Default::default(),
             weaken: Default::default(),
         })
         .await?;

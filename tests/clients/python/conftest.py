@@ -16,6 +16,10 @@ Environment:
   CORDON_TEST_REGISTRIES_BIN  the registry helper (default: target/debug/examples/test-registries,
                         built with cargo when missing)
   CORDON_REGISTRIES_TIMEOUT   seconds to wait for the helper's JSON line (default 180)
+  CORDON_DEFAULT_RUNTIME  `namespace` or `microvm`: every server of the session gets
+                        `--default-runtime` with it, so the official client's sandboxes are microVMs
+                        (the guest kernel must be prepared: `cordon prepare`). run.sh's microVM pass
+                        sets it and selects the `microvm` marker (MICROVM_SUBSET below).
 """
 
 from __future__ import annotations
@@ -65,6 +69,52 @@ def cordon_bin() -> Path:
     raise pytest.UsageError("no cordon binary: build it (cargo build -p cordon) or set CORDON_BIN")
 
 
+def default_runtime() -> str:
+    """The backend sandboxes of this session get (`CORDON_DEFAULT_RUNTIME`, default namespace)."""
+    return os.environ.get("CORDON_DEFAULT_RUNTIME") or "namespace"
+
+
+def default_runtime_args() -> list[str]:
+    explicit = os.environ.get("CORDON_DEFAULT_RUNTIME")
+    return ["--default-runtime", explicit] if explicit else []
+
+
+# The representative subset that run.sh's microVM pass runs (`-m microvm`) against a server with
+# `--default-runtime microvm`: every data-plane operation at least once -- exec over WebSocket and
+# over HTTP (SSE), streamed output, stdin, upload/download, glob/grep, stop/start keeping files,
+# capture -- plus test_microvm.py. Almost all of them share one sandbox (`shared_sandbox`): under
+# TCG every further boot costs ~6 s.
+MICROVM_SUBSET = {
+    "test_exec.py": {
+        "test_echo", "test_stdout_and_stderr_are_separate", "test_non_zero_exit",
+        "test_wait_false_handle_iteration", "test_output_is_streamed_while_running",
+        "test_send_input_and_close_input", "test_interactive_stdin", "test_pty", "test_kill",
+        "test_large_stdout", "test_timeout_raises_command_timeout_error",
+    },
+    "test_sessions.py": {"test_sse_run", "test_sse_streaming_and_reconnect", "test_sse_stdin_is_closed"},
+    "test_files.py": {
+        "test_write_read_text", "test_write_read_binary", "test_large_file_round_trip",
+        "test_read_missing_file", "test_stat", "test_read_range", "test_glob_recursive", "test_ls",
+        "test_grep",
+    },
+    "test_control_plane.py": {"test_stop_start_keeps_files"},
+    "test_microvm.py": None,  # all of it
+}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "microvm: in the representative subset run again against microVM sandboxes (run.sh)"
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        wanted = MICROVM_SUBSET.get(item.path.name, set())
+        if wanted is None or getattr(item, "originalname", item.name) in wanted:
+            item.add_marker(pytest.mark.microvm)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +146,7 @@ class CordonServer:
             "--data-dir", str(self.data_dir),
             "--api-key", self.api_key,
             "--api-key", self.other_api_key,
+            *default_runtime_args(),
             *self.extra_args,
         ]
 
@@ -275,7 +326,11 @@ class Registries:
         return images[key]
 
     def serve_args(self) -> list[str]:
-        return ["--insecure-registry", self.open, "--registry-ca", self.info["ca_pem"]]
+        return [
+            "--insecure-registry", self.open,
+            "--internal-registry", self.auth,
+            "--registry-ca", self.info["ca_pem"],
+        ]
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -40,6 +40,7 @@ const DEMAND_KEPT: usize = 10_000;
 const MAX_STARTS_PER_PASS: u32 = 16;
 /// Create fields that make a sandbox differ from its template's warm ones.
 const PER_SANDBOX_FIELDS: &[&str] = &[
+    "runtime",
     "run_config",
     "proxy_config",
     "mount_config",
@@ -714,6 +715,8 @@ impl Pools {
             // A claim names the template, if the create did.
             template_name: None,
             template_id: None,
+            runtime: self.sandboxes.default_runtime,
+            proxy_config: None,
         };
         let _claim = self.snapshots.claim_layers().await;
         self.sandboxes.create(&record)?;

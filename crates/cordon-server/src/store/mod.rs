@@ -1,10 +1,13 @@
 //! The SQLite store: one row per sandbox, snapshot and registry, the record as JSON beside
 //! the indexed columns, and the tags (`name:tag` → snapshot).
 
+mod egress;
 mod pools;
 mod registries;
 mod snapshots;
 mod templates;
+
+pub use egress::StoredSecret;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -82,6 +85,21 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (workspace, name)
     );
     CREATE INDEX pools_by_template ON pools (template_id);",
+    // Egress (issue 6): workspace secrets, sealed; egress records, bounded per sandbox.
+    "CREATE TABLE workspace_secrets (
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (workspace, name)
+    );
+    CREATE TABLE egress_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox_id TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX egress_events_by_sandbox ON egress_events (sandbox_id, id);",
 ];
 
 pub struct Store {

@@ -136,6 +136,8 @@ mod tests {
             base: None,
             template_name: None,
             template_id: None,
+            runtime: Default::default(),
+            proxy_config: None,
         }
     }
 

@@ -25,6 +25,8 @@ const ADDR_ENV: &str = "CORDON_TEST_SERVE_ADDR";
 /// Passed to the server process: one `--insecure-registry` and one `--registry-ca`.
 pub const INSECURE_ENV: &str = "CORDON_TEST_SERVE_INSECURE_REGISTRY";
 pub const CA_ENV: &str = "CORDON_TEST_SERVE_REGISTRY_CA";
+/// Passed to the server process: one `--internal-registry` (an HTTPS registry on loopback).
+pub const INTERNAL_ENV: &str = "CORDON_TEST_SERVE_INTERNAL_REGISTRY";
 /// Passed to the server process: `--service-domain` and `--signing-key-rotation` (seconds).
 pub const SERVICE_DOMAIN_ENV: &str = "CORDON_TEST_SERVE_SERVICE_DOMAIN";
 pub const KEY_ROTATION_ENV: &str = "CORDON_TEST_SERVE_KEY_ROTATION";
@@ -50,6 +52,33 @@ fn pools_config_from_env() -> cordon_server::PoolsConfig {
         scale_down_cooldown: millis(POOL_COOLDOWN_MS_ENV, defaults.scale_down_cooldown),
         memory_budget_bytes: env_number(POOL_MEMORY_BUDGET_ENV),
         cpu_budget_millicores: env_number(POOL_CPU_BUDGET_ENV),
+    }
+}
+
+/// Passed to the server process: the egress flags (`--allow-egress-cidr`, `--egress-ca`,
+/// comma-separated; `--egress-resolver`; `--egress-any-port` when set).
+pub const EGRESS_CIDRS_ENV: &str = "CORDON_TEST_SERVE_EGRESS_CIDRS";
+pub const EGRESS_CAS_ENV: &str = "CORDON_TEST_SERVE_EGRESS_CAS";
+pub const EGRESS_RESOLVER_ENV: &str = "CORDON_TEST_SERVE_EGRESS_RESOLVER";
+pub const EGRESS_ANY_PORT_ENV: &str = "CORDON_TEST_SERVE_EGRESS_ANY_PORT";
+
+fn egress_settings_from_env() -> cordon_server::EgressSettings {
+    let list = |name| {
+        std::env::var(name)
+            .map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    cordon_server::EgressSettings {
+        allowed_cidrs: list(EGRESS_CIDRS_ENV)
+            .iter()
+            .map(|c| c.parse().expect("egress CIDR"))
+            .collect(),
+        extra_roots: list(EGRESS_CAS_ENV).into_iter().map(Into::into).collect(),
+        resolver: std::env::var(EGRESS_RESOLVER_ENV)
+            .ok()
+            .map(|a| a.parse().expect("egress resolver")),
+        any_port: std::env::var(EGRESS_ANY_PORT_ENV).is_ok(),
+        ..Default::default()
     }
 }
 
@@ -84,6 +113,9 @@ pub fn serve_child_main() {
                 extra_root_pems: std::env::var(CA_ENV)
                     .map(|path| vec![std::fs::read(path).expect("registry CA")])
                     .unwrap_or_default(),
+                internal_registries: std::env::var(INTERNAL_ENV)
+                    .map(|r| vec![r])
+                    .unwrap_or_default(),
             },
             snapshot_limits: cordon_server::SnapshotLimits::default(),
             service_links: cordon_server::ServiceLinksConfig {
@@ -97,6 +129,8 @@ pub fn serve_child_main() {
                     ),
             },
             pools: pools_config_from_env(),
+            default_runtime: Default::default(),
+            egress: egress_settings_from_env(),
         };
         cordon_server::serve(config, Arc::new(runtime))
             .await

@@ -48,7 +48,9 @@ export function cleanEnv() {
 
 /** `cordon serve` flags for the test registries run.mjs started (CORDON_REGISTRIES), else none. */
 export function registryServeArgs(info = registriesFromEnv()) {
-  return info ? ["--insecure-registry", info.open, "--registry-ca", info.ca_pem] : [];
+  return info
+    ? ["--insecure-registry", info.open, "--internal-registry", info.auth, "--registry-ca", info.ca_pem]
+    : [];
 }
 
 /** The test registries' JSON line as run.mjs passed it on (CORDON_REGISTRIES), or null. */
