@@ -11,10 +11,13 @@ STATIC_DIR := target/$(TARGET)/release
 # unshare) to build the default snapshot (`cordon prepare`), python3-venv for the official-client
 # suites; docker-registry (the real OCI registry the snapshot tests start on loopback), skopeo (to
 # push test images to it and as the image-pull benchmark baseline), apache2-utils (htpasswd
-# for the registry's basic auth), chromium (headless, opens a service URL's browser_url) and
-# redis-tools (redis-cli, the real client the tunnel tests drive through a tunnel).
+# for the registry's basic auth), chromium (headless, opens a service URL's browser_url),
+# redis-tools (redis-cli, the real client the tunnel tests drive through a tunnel),
+# qemu-system-x86 (the microvm backend), binutils (objcopy trims the agent in the microVM
+# initramfs), and curl, git and openssl (the egress tests' real tools and their test CAs).
 APT_PACKAGES := busybox-static e2fsprogs util-linux iproute2 bubblewrap debootstrap python3-venv \
-  docker-registry skopeo apache2-utils chromium redis-tools
+  docker-registry skopeo apache2-utils chromium redis-tools qemu-system-x86 binutils curl git \
+  openssl
 
 .PHONY: all deps agent build test lint bench run clients-test
 

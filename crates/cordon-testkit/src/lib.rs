@@ -16,6 +16,8 @@ use cordon_channel::AgentClient;
 use cordon_runtime::{Limits, NamespaceConfig, NamespaceRuntime, Runtime, SandboxSpec, Weakening};
 use http_body_util::BodyExt;
 
+pub mod dns;
+pub mod https_upstream;
 pub mod oci_layout;
 pub mod registry;
 mod rootfs;
@@ -184,6 +186,7 @@ pub fn spec(id: &str, options: &TestOptions) -> SandboxSpec {
             run_config: options.run_config.clone(),
             ..AgentConfig::default()
         },
+        backend: Default::default(),
         weaken: options.weaken.clone(),
     }
 }
