@@ -30,6 +30,7 @@ mod namespace;
 pub mod newmount;
 #[doc(hidden)]
 pub mod plan;
+mod sandbox_lifecycle;
 mod spec;
 
 use std::path::Path;

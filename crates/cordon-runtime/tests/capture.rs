@@ -168,7 +168,9 @@ async fn a_busy_sandbox_is_frozen_for_the_copy_and_thawed_after(disk_bytes: Opti
     // the instant between its two writes.
     sandbox
         .sh(
-            "mkdir /w && dd if=/dev/urandom of=/w/bulk bs=1M count=24 2>/dev/null && \
+            // The bulk file is written before the command returns (`;`, not `&&`: an and-list
+            // ending in `&` would put dd in the background too); only the renamer runs on.
+            "mkdir /w && dd if=/dev/urandom of=/w/bulk bs=1M count=24 2>/dev/null; \
              (i=0; while :; do echo $i > /w/a.new; mv /w/a.new /w/a; echo $i > /w/b.new; mv /w/b.new /w/b; i=$((i+1)); done) >/dev/null 2>&1 &",
         )
         .await;

@@ -63,28 +63,19 @@ pub(crate) async fn layer_image(cache: &Path, layer: &Path) -> Result<PathBuf, R
         .as_file()
         .set_len(size)
         .context(|| "size the layer image".into())?;
-    let output = tokio::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
-        .arg("-i")
-        .arg(LAYER_BYTES_PER_INODE.to_string())
-        .args(["-E", "root_owner=0:0", "-d"])
-        .arg(layer)
-        .arg(staging.path())
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .await
-        .context(|| "run mkfs.ext4 (install e2fsprogs)".into())?;
-    if !output.status.success() {
-        return Err(RuntimeError::io(
-            format!(
-                "mkfs.ext4 -d {}: {}",
-                layer.display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-            std::io::Error::other("mkfs.ext4 failed"),
-        ));
-    }
+    crate::namespace::store::run_mkfs_ext4(
+        tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+            .arg("-i")
+            .arg(LAYER_BYTES_PER_INODE.to_string())
+            .args(["-E", "root_owner=0:0", "-d"])
+            .arg(layer)
+            .arg(staging.path())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        || format!("mkfs.ext4 -d {}", layer.display()),
+    )
+    .await?;
     fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o444))
         .context(|| "chmod the layer image".into())?;
     staging

@@ -18,7 +18,6 @@ mod accel;
 mod images;
 mod qemu;
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +35,7 @@ use crate::namespace::capture::Capture;
 use crate::namespace::launch;
 use crate::namespace::store::{self, IdRegistry, Record, SandboxDir, AGENT_LOG};
 use crate::plan::{is_alive, Jail, LaunchPlan, LaunchResult, Payload, WritableLayer};
+use crate::sandbox_lifecycle::{self as lifecycle, state_of, SlotTable};
 use crate::{ChannelIo, Isolation, Limits, ResourceUsage, Runtime, SandboxSpec, SandboxState};
 
 pub use qemu::Accel;
@@ -138,7 +138,7 @@ struct SlotState {
 pub struct MicrovmRuntime {
     config: MicrovmConfig,
     cgroups: Cgroups,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: SlotTable<Slot>,
     ids: IdRegistry,
 }
 
@@ -160,7 +160,7 @@ impl MicrovmRuntime {
         Ok(MicrovmRuntime {
             config,
             cgroups,
-            slots: Mutex::new(HashMap::new()),
+            slots: SlotTable::new(),
             ids,
         })
     }
@@ -195,13 +195,7 @@ impl MicrovmRuntime {
     }
 
     fn slot(&self, id: &str) -> Result<Arc<Slot>, RuntimeError> {
-        crate::validate_id(id)?;
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))
+        self.slots.get(id)
     }
 
     fn vm_dir(dir: &SandboxDir) -> PathBuf {
@@ -620,25 +614,6 @@ pub(crate) fn process_isolation() -> Isolation {
     }
 }
 
-fn state_of(record: &Record) -> SandboxState {
-    match (&record.running, &record.failed) {
-        (Some(running), _) => SandboxState::Running { pid: running.pid },
-        (None, Some(message)) => SandboxState::Failed(message.clone()),
-        (None, None) if record.started => SandboxState::Stopped,
-        (None, None) => SandboxState::Created,
-    }
-}
-
-fn state_name(record: &Record) -> String {
-    match state_of(record) {
-        SandboxState::Created => "created",
-        SandboxState::Running { .. } => "running",
-        SandboxState::Stopped => "stopped",
-        SandboxState::Failed(_) => "failed",
-    }
-    .to_string()
-}
-
 #[async_trait]
 impl Runtime for MicrovmRuntime {
     async fn create(&self, spec: SandboxSpec) -> Result<(), RuntimeError> {
@@ -649,43 +624,12 @@ impl Runtime for MicrovmRuntime {
                 MIN_MEMORY_BYTES >> 20
             )));
         }
-        for layer in &spec.layers {
-            if !std::fs::metadata(layer)
-                .context(|| format!("layer {}", layer.display()))?
-                .is_dir()
-            {
-                return Err(RuntimeError::InvalidSpec(format!(
-                    "layer {} is not a directory",
-                    layer.display()
-                )));
-            }
-        }
-        if self.cgroups.is_populated(&spec.id) {
-            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
-        }
-        let dir = SandboxDir::create(&self.sandboxes_dir(), &spec.id)?;
-        let id_base = match self.ids.claim(dir.path()) {
-            Ok(base) => base,
-            Err(error) => {
-                dir.remove_all();
-                return Err(error);
-            }
-        };
-        let record = Record {
-            id_base,
-            running: None,
-            failed: None,
-            started: false,
-        };
-        let prepared = async {
-            dir.save_spec(&spec)?;
-            dir.save_record(&record)?;
-            self.prepare_vm(&dir, &spec, id_base).await
-        }
-        .await;
-        if let Err(error) = prepared {
-            self.ids.release(id_base, dir.path());
-            dir.remove_all();
+        lifecycle::check_layers_are_dirs(&spec)?;
+        let (dir, record) =
+            lifecycle::claim_sandbox_dir(&self.sandboxes_dir(), &self.cgroups, &self.ids, &spec)?;
+        let id_base = record.id_base;
+        if let Err(error) = self.prepare_vm(&dir, &spec, id_base).await {
+            lifecycle::abandon_sandbox_dir(dir, &self.ids, id_base);
             return Err(error);
         }
         let slot = Arc::new(Slot {
@@ -696,10 +640,7 @@ impl Runtime for MicrovmRuntime {
             }),
             holder: Mutex::new(None),
         });
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .insert(spec.id.clone(), slot);
+        self.slots.insert(spec.id.clone(), slot);
         tracing::info!(sandbox = %spec.id, id_base, "microVM created");
         Ok(())
     }
@@ -709,11 +650,7 @@ impl Runtime for MicrovmRuntime {
         let mut state = slot.inner.lock().await;
         self.refresh(id, &slot, &mut state).await?;
         if state.record.running.is_some() {
-            return Err(RuntimeError::WrongState {
-                id: id.to_string(),
-                state: state_name(&state.record),
-                action: "start",
-            });
+            return Err(lifecycle::wrong_state(id, &state.record, "start"));
         }
         self.boot(&slot, &mut state).await
     }
@@ -721,8 +658,7 @@ impl Runtime for MicrovmRuntime {
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
         let slot = self.slot(id)?;
         let mut state = slot.inner.lock().await;
-        state.record.started |= state.record.running.is_some() || state.record.failed.is_some();
-        state.record.failed = None;
+        lifecycle::settle_for_stop(&mut state.record);
         self.shut_down(id, &slot, &mut state.record).await?;
         tracing::info!(sandbox = id, "microVM stopped");
         Ok(())
@@ -734,7 +670,7 @@ impl Runtime for MicrovmRuntime {
         self.kill(id, &slot, &mut state.record).await?;
         slot.dir.remove_all();
         self.ids.release(state.record.id_base, slot.dir.path());
-        self.slots.lock().expect("slots lock").remove(id);
+        self.slots.remove(id);
         tracing::info!(sandbox = id, "microVM destroyed");
         Ok(())
     }
@@ -744,11 +680,7 @@ impl Runtime for MicrovmRuntime {
         let mut state = slot.inner.lock().await;
         self.refresh(id, &slot, &mut state).await?;
         if state.record.running.is_none() {
-            return Err(RuntimeError::WrongState {
-                id: id.to_string(),
-                state: state_name(&state.record),
-                action: "open a channel",
-            });
+            return Err(lifecycle::wrong_state(id, &state.record, "open a channel"));
         }
         Ok(Box::new(self.connect_raw(&slot, CONTROL_TIMEOUT).await?))
     }
@@ -815,7 +747,7 @@ impl Runtime for MicrovmRuntime {
         let mut found = Vec::new();
         for (dir, spec, mut record) in store::scan(&self.sandboxes_dir()) {
             let id = spec.id.clone();
-            if self.slots.lock().expect("slots lock").contains_key(&id) {
+            if self.slots.contains(&id) {
                 found.push((id.clone(), self.state(&id).await?));
                 continue;
             }
@@ -840,7 +772,7 @@ impl Runtime for MicrovmRuntime {
             self.keep_id_range(&slot.dir, &mut record)?;
             found.push((id.clone(), state_of(&record)));
             slot.inner.lock().await.record = record;
-            self.slots.lock().expect("slots lock").insert(id, slot);
+            self.slots.insert(id, slot);
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)

@@ -55,6 +55,11 @@ pub(crate) fn kernel_cmdline(shape: &VmShape) -> String {
     if let Some(khz) = shape.tsc_khz {
         params.push(format!("tsc_early_khz={khz}"));
     }
+    // The wall clock: the machine has no RTC, so the guest would start in 1970 and reject
+    // every TLS certificate (egress). The agent adds its uptime to this launch time.
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        params.push(format!("cordon.epoch_ms={}", now.as_millis()));
+    }
     params.extend(shape.extra_cmdline.iter().cloned());
     params.join(" ")
 }
@@ -170,6 +175,7 @@ mod tests {
             "serial=cordon-l0",
             "serial=cordon-l1",
             "cordon.layers=2",
+            "cordon.epoch_ms=",
         ] {
             assert!(line.contains(flag), "{flag} missing in {line}");
         }

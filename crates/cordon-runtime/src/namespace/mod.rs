@@ -6,19 +6,19 @@ pub(crate) mod capture;
 pub(crate) mod launch;
 pub(crate) mod store;
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::net::UnixStream;
 
 use crate::cgroup::Cgroups;
-use crate::error::{IoContext, RuntimeError};
+use crate::error::RuntimeError;
 use crate::layer_copy::CopyLimits;
 use crate::plan::{is_alive, WritableLayer};
+use crate::sandbox_lifecycle::{self as lifecycle, state_of, SlotTable};
 use crate::{fsutil, ChannelIo, ResourceUsage, Runtime, SandboxSpec, SandboxState};
 use store::{IdRegistry, Record, SandboxDir};
 
@@ -88,7 +88,7 @@ pub struct NamespaceRuntime {
     config: NamespaceConfig,
     cgroups: Cgroups,
     agent_memfd: OwnedFd,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: SlotTable<Slot>,
     ids: IdRegistry,
 }
 
@@ -105,7 +105,7 @@ impl NamespaceRuntime {
             config,
             cgroups,
             agent_memfd,
-            slots: Mutex::new(HashMap::new()),
+            slots: SlotTable::new(),
             ids,
         })
     }
@@ -115,13 +115,7 @@ impl NamespaceRuntime {
     }
 
     fn slot(&self, id: &str) -> Result<Arc<Slot>, RuntimeError> {
-        crate::validate_id(id)?;
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))
+        self.slots.get(id)
     }
 
     fn writable_layer(&self, dir: &SandboxDir, spec: &SandboxSpec) -> WritableLayer {
@@ -267,25 +261,6 @@ impl NamespaceRuntime {
     }
 }
 
-fn state_of(record: &Record) -> SandboxState {
-    match (&record.running, &record.failed) {
-        (Some(running), _) => SandboxState::Running { pid: running.pid },
-        (None, Some(message)) => SandboxState::Failed(message.clone()),
-        (None, None) if record.started => SandboxState::Stopped,
-        (None, None) => SandboxState::Created,
-    }
-}
-
-fn state_name(record: &Record) -> String {
-    match state_of(record) {
-        SandboxState::Created => "created",
-        SandboxState::Running { .. } => "running",
-        SandboxState::Stopped => "stopped",
-        SandboxState::Failed(_) => "failed",
-    }
-    .to_string()
-}
-
 #[async_trait]
 impl Runtime for NamespaceRuntime {
     async fn capture(&self, id: &str, dest: &std::path::Path) -> Result<u64, RuntimeError> {
@@ -325,45 +300,13 @@ impl Runtime for NamespaceRuntime {
 
     async fn create(&self, spec: SandboxSpec) -> Result<(), RuntimeError> {
         spec.validate()?;
-        for layer in &spec.layers {
-            if !std::fs::metadata(layer)
-                .context(|| format!("layer {}", layer.display()))?
-                .is_dir()
-            {
-                return Err(RuntimeError::InvalidSpec(format!(
-                    "layer {} is not a directory",
-                    layer.display()
-                )));
-            }
-        }
-        if self.cgroups.is_populated(&spec.id) {
-            // Another runtime on this host (another state dir) has a live sandbox by this id.
-            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
-        }
-        let dir = SandboxDir::create(&self.sandboxes_dir(), &spec.id)?;
-        let id_base = match self.ids.claim(dir.path()) {
-            Ok(base) => base,
-            Err(error) => {
-                dir.remove_all();
-                return Err(error);
-            }
-        };
-        let record = Record {
-            id_base,
-            running: None,
-            failed: None,
-            started: false,
-        };
-        let prepared = async {
-            dir.save_spec(&spec)?;
-            dir.save_record(&record)?;
-            store::prepare_writable_layer(&self.writable_layer(&dir, &spec), spec.limits.disk_bytes)
-                .await
-        }
-        .await;
-        if let Err(error) = prepared {
-            self.ids.release(id_base, dir.path());
-            dir.remove_all();
+        lifecycle::check_layers_are_dirs(&spec)?;
+        let (dir, record) =
+            lifecycle::claim_sandbox_dir(&self.sandboxes_dir(), &self.cgroups, &self.ids, &spec)?;
+        let id_base = record.id_base;
+        let layer = self.writable_layer(&dir, &spec);
+        if let Err(error) = store::prepare_writable_layer(&layer, spec.limits.disk_bytes).await {
+            lifecycle::abandon_sandbox_dir(dir, &self.ids, id_base);
             return Err(error);
         }
         let slot = Arc::new(Slot {
@@ -373,10 +316,7 @@ impl Runtime for NamespaceRuntime {
                 record,
             }),
         });
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .insert(spec.id.clone(), slot);
+        self.slots.insert(spec.id.clone(), slot);
         tracing::info!(sandbox = %spec.id, id_base, "sandbox created");
         Ok(())
     }
@@ -386,11 +326,7 @@ impl Runtime for NamespaceRuntime {
         let mut state = slot.inner.lock().await;
         self.refresh(id, &slot, &mut state).await?;
         if state.record.running.is_some() {
-            return Err(RuntimeError::WrongState {
-                id: id.to_string(),
-                state: state_name(&state.record),
-                action: "start",
-            });
+            return Err(lifecycle::wrong_state(id, &state.record, "start"));
         }
         self.boot(&slot, &mut state).await
     }
@@ -398,9 +334,7 @@ impl Runtime for NamespaceRuntime {
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
         let slot = self.slot(id)?;
         let mut state = slot.inner.lock().await;
-        // A sandbox that never ran stays Created; one that ran or failed becomes Stopped.
-        state.record.started |= state.record.running.is_some() || state.record.failed.is_some();
-        state.record.failed = None;
+        lifecycle::settle_for_stop(&mut state.record);
         self.kill(id, &slot.dir, &mut state.record).await?;
         tracing::info!(sandbox = id, "sandbox stopped");
         Ok(())
@@ -412,7 +346,7 @@ impl Runtime for NamespaceRuntime {
         self.kill(id, &slot.dir, &mut state.record).await?;
         slot.dir.remove_all();
         self.ids.release(state.record.id_base, slot.dir.path());
-        self.slots.lock().expect("slots lock").remove(id);
+        self.slots.remove(id);
         tracing::info!(sandbox = id, "sandbox destroyed");
         Ok(())
     }
@@ -422,11 +356,7 @@ impl Runtime for NamespaceRuntime {
         let mut state = slot.inner.lock().await;
         self.refresh(id, &slot, &mut state).await?;
         if state.record.running.is_none() {
-            return Err(RuntimeError::WrongState {
-                id: id.to_string(),
-                state: state_name(&state.record),
-                action: "open a channel",
-            });
+            return Err(lifecycle::wrong_state(id, &state.record, "open a channel"));
         }
         let stream: UnixStream = slot.dir.connect_socket().await?;
         Ok(Box::new(stream))
@@ -463,7 +393,7 @@ impl Runtime for NamespaceRuntime {
         let mut found = Vec::new();
         for (dir, spec, mut record) in store::scan(&self.sandboxes_dir()) {
             let id = spec.id.clone();
-            if self.slots.lock().expect("slots lock").contains_key(&id) {
+            if self.slots.contains(&id) {
                 found.push((id.clone(), self.state(&id).await?));
                 continue;
             }
@@ -487,7 +417,7 @@ impl Runtime for NamespaceRuntime {
                 dir,
                 inner: tokio::sync::Mutex::new(SlotState { spec, record }),
             });
-            self.slots.lock().expect("slots lock").insert(id, slot);
+            self.slots.insert(id, slot);
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)

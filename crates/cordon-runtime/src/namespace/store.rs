@@ -343,18 +343,30 @@ async fn make_ext4_image(image: &Path, bytes: u64) -> Result<(), RuntimeError> {
             .create(seed.path().join(dir))
             .context(|| "ext4 seed dir".into())?;
     }
-    let output = tokio::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-E", "root_owner=0:0", "-d"])
-        .arg(seed.path())
-        .arg(image)
+    run_mkfs_ext4(
+        tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-E", "root_owner=0:0", "-d"])
+            .arg(seed.path())
+            .arg(image),
+        || format!("mkfs.ext4 {}", image.display()),
+    )
+    .await
+}
+
+/// Runs a prepared `mkfs.ext4` command; `invocation` names it in the error when it fails.
+pub(crate) async fn run_mkfs_ext4(
+    mkfs: &mut tokio::process::Command,
+    invocation: impl FnOnce() -> String,
+) -> Result<(), RuntimeError> {
+    let output = mkfs
         .output()
         .await
         .context(|| "run mkfs.ext4 (install e2fsprogs)".into())?;
     if !output.status.success() {
         return Err(RuntimeError::io(
             format!(
-                "mkfs.ext4 {}: {}",
-                image.display(),
+                "{}: {}",
+                invocation(),
                 String::from_utf8_lossy(&output.stderr).trim()
             ),
             std::io::Error::other("mkfs.ext4 failed"),
