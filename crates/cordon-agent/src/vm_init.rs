@@ -100,7 +100,9 @@ pub fn boot() -> anyhow::Result<Booted> {
     let started = Instant::now();
     mount_early_filesystems()?;
     std::env::set_var("PATH", PATH);
-    let cmdline = parse_cmdline(&fs::read_to_string("/proc/cmdline")?)?;
+    let cmdline_text = fs::read_to_string("/proc/cmdline")?;
+    let cmdline = parse_cmdline(&cmdline_text)?;
+    set_wall_clock(&cmdline_text);
     load_modules()?;
     fs::write("/proc/sys/kernel/modules_disabled", "1").context("disable module loading")?;
     attach_console();
@@ -119,6 +121,46 @@ pub fn boot() -> anyhow::Result<Booted> {
         started.elapsed()
     );
     Ok(Booted { rw_root, channel })
+}
+
+/// The host's launch time in Unix milliseconds (`cordon.epoch_ms=`), if given and sane.
+fn launch_epoch_ms(cmdline: &str) -> Option<u64> {
+    cmdline
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("cordon.epoch_ms="))
+        .and_then(|value| value.parse().ok())
+}
+
+/// Sets CLOCK_REALTIME to the host's launch time plus this guest's uptime: the microvm
+/// machine has no RTC, and a guest stuck in 1970 rejects every TLS certificate. Best effort:
+/// a guest without the parameter keeps its clock (logged).
+fn set_wall_clock(cmdline: &str) {
+    let Some(epoch_ms) = launch_epoch_ms(cmdline) else {
+        eprintln!("cordon-agent: no cordon.epoch_ms= on the kernel command line: clock not set");
+        return;
+    };
+    let mut boot = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec we pass.
+    let uptime = if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut boot) } == 0 {
+        Duration::new(boot.tv_sec as u64, boot.tv_nsec as u32)
+    } else {
+        Duration::ZERO
+    };
+    let now = Duration::from_millis(epoch_ms) + uptime;
+    let spec = libc::timespec {
+        tv_sec: now.as_secs() as libc::time_t,
+        tv_nsec: now.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec we pass and has no other memory effects.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &spec) } != 0 {
+        eprintln!(
+            "cordon-agent: could not set the clock: {}",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 fn mount_early_filesystems() -> anyhow::Result<()> {
@@ -629,6 +671,11 @@ mod tests {
             parse_cmdline("cordon.layers=0").unwrap().hostname,
             "sandbox"
         );
+        assert_eq!(
+            launch_epoch_ms("quiet cordon.epoch_ms=1795753741123 cordon.layers=1"),
+            Some(1_795_753_741_123)
+        );
+        assert_eq!(launch_epoch_ms("cordon.epoch_ms=soon"), None);
         assert!(parse_cmdline("quiet").is_err());
         assert!(parse_cmdline("cordon.layers=x").is_err());
         assert!(parse_cmdline("cordon.layers=65").is_err());

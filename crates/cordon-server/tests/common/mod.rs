@@ -82,6 +82,31 @@ fn egress_settings_from_env() -> cordon_server::EgressSettings {
     }
 }
 
+/// Passed to the server process: when set, it also has the microVM backend (the guest kernel
+/// from `cordon prepare`'s cache, an initramfs with the agent under test, state in
+/// `<data>/microvm`, as `cordon serve` sets it up) and `--default-runtime microvm`.
+pub const MICROVM_ENV: &str = "CORDON_TEST_SERVE_MICROVM";
+
+/// The microVM backend of `cordon serve` (crates/cordon/src/main.rs), for [`MICROVM_ENV`].
+fn microvm_runtime(cache: &Path, data_dir: &Path) -> Arc<cordon_runtime::MicrovmRuntime> {
+    let guest = cordon_image::guest::load_guest_kernel(cache)
+        .expect("the guest kernel (run `cordon prepare`)");
+    let state = data_dir.join("microvm");
+    std::fs::create_dir_all(&state).expect("microvm state dir");
+    let initramfs = state.join("initramfs.build");
+    cordon_image::guest::build_initramfs(&guest, &cordon_testkit::agent_binary(), &initramfs)
+        .expect("build the initramfs");
+    let mut config = cordon_runtime::MicrovmConfig::new(
+        &state,
+        cordon_testkit::nsinit_binary(),
+        &guest.kernel,
+        &initramfs,
+    );
+    // TCG boots take seconds, more on a loaded CI box.
+    config.boot_timeout = Duration::from_secs(120);
+    Arc::new(cordon_runtime::MicrovmRuntime::new(config).expect("microvm runtime"))
+}
+
 /// Body of the `serve_child` test: serves when started by [`Server::start`], else returns.
 pub fn serve_child_main() {
     let (Ok(dir), Ok(addr)) = (std::env::var(DIR_ENV), std::env::var(ADDR_ENV)) else {
@@ -98,6 +123,16 @@ pub fn serve_child_main() {
             cordon_testkit::nsinit_binary(),
         ))
         .expect("runtime");
+        let microvm = std::env::var_os(MICROVM_ENV)
+            .map(|_| microvm_runtime(Path::new(&cache), Path::new(&dir)));
+        // Without it, the namespace runtime alone, as before.
+        let (runtime, default_runtime): (Arc<dyn cordon_runtime::Runtime>, _) = match microvm {
+            Some(vm) => (
+                Arc::new(cordon_runtime::Runtimes::new(Arc::new(runtime), Some(vm))),
+                cordon_runtime::Backend::Microvm,
+            ),
+            None => (Arc::new(runtime), Default::default()),
+        };
         let config = cordon_server::ServerConfig {
             listen: addr.parse().expect("listen address"),
             data_dir: dir.into(),
@@ -129,12 +164,10 @@ pub fn serve_child_main() {
                     ),
             },
             pools: pools_config_from_env(),
-            default_runtime: Default::default(),
+            default_runtime,
             egress: egress_settings_from_env(),
         };
-        cordon_server::serve(config, Arc::new(runtime))
-            .await
-            .expect("serve");
+        cordon_server::serve(config, runtime).await.expect("serve");
     });
 }
 
