@@ -1,6 +1,6 @@
 //! `make bench`: Cordon's numbers beside baselines measured in the same run, as ratios
 //! (design/TARGETS.md). `CORDON_BENCH=p1,p5` picks sections (default all: p2, start, p1, p4,
-//! p5, p6, p7, p8, p9, p10, images, egress); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
+//! p5, p6, p7, p8, p9, p10, images, egress, microvm); `CORDON_BENCH_EXEC_ONLY` runs P2 alone with its breakdown.
 //!
 //! - P2: exec round trip of `true` from a Rust client over the WebSocket API, through the
 //!   channel, beside a host spawn of `true` and a `bwrap … true`.
@@ -26,6 +26,10 @@
 //!   the egress proxy (in process, `serve_tcp`), spliced (CONNECT to a host no rule matches)
 //!   and intercepted (a header rule matches), beside the same requests sent directly to the
 //!   same local HTTPS upstream. Knobs in `egress_metrics.rs`.
+//! - microvm: P11 boot to agent ready of a microVM sandbox (create + start) under the
+//!   accelerator the runtime's probe picks (TCG / KVM, named in the row), beside a bare
+//!   `qemu-system-x86_64 -M microvm` boot of the same kernel to an init that powers off; P12
+//!   QEMU's PSS beyond the guest RAM it touched. `CORDON_BENCH_VM_ROUNDS` (5).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +46,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod egress_metrics;
 mod image_metrics;
+mod microvm_metrics;
 mod pool_metrics;
 mod target_metrics;
 mod tunnel_metrics;
@@ -136,6 +141,13 @@ async fn main() -> Result<()> {
     if sections.has("egress") {
         if let Err(error) = egress_metrics::egress(&mut table).await {
             table.notes.push(format!("egress: not measured: {error:#}"));
+        }
+    }
+    if sections.has("microvm") {
+        if let Err(error) = microvm_metrics::microvm(state.path(), &mut table).await {
+            table
+                .notes
+                .push(format!("P11/P12 (microvm): not measured: {error:#}"));
         }
     }
     if sections.has("p3") {
