@@ -43,6 +43,8 @@ pub enum RuntimeError {
     },
     #[error("agent channel: {0}")]
     Channel(#[from] cordon_channel::ChannelError),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl RuntimeError {

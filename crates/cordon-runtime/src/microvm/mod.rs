@@ -30,8 +30,6 @@ use cordon_channel::AgentClient;
 use crate::cgroup::Cgroups;
 use crate::error::{IoContext, RuntimeError};
 use crate::ids::RANGE_SIZE;
-use crate::layer_copy::CopyLimits;
-use crate::namespace::capture::Capture;
 use crate::namespace::launch;
 use crate::namespace::store::{self, IdRegistry, Record, SandboxDir, AGENT_LOG};
 use crate::plan::{is_alive, Jail, LaunchPlan, LaunchResult, Payload, WritableLayer};
@@ -579,31 +577,6 @@ impl MicrovmRuntime {
             .context(|| format!("chown {}", disk.display()))?;
         dir.save_record(record)
     }
-
-    fn capture_job(
-        &self,
-        slot: &Slot,
-        spec: &SandboxSpec,
-        dest: &Path,
-        guest_frozen: bool,
-    ) -> Capture {
-        Capture {
-            id: spec.id.clone(),
-            layer: WritableLayer::Ext4Image(Self::vm_dir(&slot.dir).join(qemu::RW_DISK)),
-            running: false,
-            cgroups: self.cgroups.clone(),
-            dest: dest.to_path_buf(),
-            limits: CopyLimits {
-                max_bytes: spec
-                    .limits
-                    .disk_bytes
-                    .unwrap_or(self.config.default_disk_bytes),
-                max_entries: self.config.capture_max_entries,
-                max_depth: crate::namespace::CAPTURE_MAX_DEPTH,
-            },
-            guest_frozen,
-        }
-    }
 }
 
 /// What this process's microVMs get: KVM only once the probe said so.
@@ -692,38 +665,16 @@ impl Runtime for MicrovmRuntime {
         Ok(state_of(&state.record))
     }
 
-    async fn capture(&self, id: &str, dest: &Path) -> Result<u64, RuntimeError> {
-        let slot = self.slot(id)?;
-        let mut state = slot.inner.lock().await;
-        self.refresh(id, &slot, &mut state).await?;
-        let running = state.record.running.is_some();
-        if running {
-            // FIFREEZE in the guest: the rw filesystem is consistent on the disk and stays so.
-            self.control(&slot, "freeze")
-                .await
-                .map_err(|message| RuntimeError::Boot {
-                    id: id.to_string(),
-                    message: format!("freeze for capture: {message}"),
-                })?;
-        }
-        let job = self.capture_job(&slot, &state.spec, dest, running);
-        let copied = tokio::task::spawn_blocking(move || job.run())
-            .await
-            .map_err(|e| RuntimeError::io("capture task", std::io::Error::other(e)));
-        if running {
-            if let Err(error) = self.control(&slot, "thaw").await {
-                // The guest thaws by itself after its freeze timeout.
-                tracing::warn!(sandbox = id, %error, "thaw after capture");
-            }
-        }
-        let stats = copied??;
-        tracing::info!(
-            sandbox = id,
-            bytes = stats.bytes,
-            entries = stats.entries,
-            "microVM captured"
-        );
-        Ok(stats.bytes)
+    /// Refused for now. The writable disk holds blocks the guest wrote, and guest root is not
+    /// a boundary: mounting that image on the host (even read-only) would feed the host
+    /// kernel's ext4 driver metadata an attacker chose. A capture must come out of the guest
+    /// instead (its agent streaming the upper layer as a tar into the confined unpacker).
+    async fn capture(&self, id: &str, _dest: &Path) -> Result<u64, RuntimeError> {
+        self.slot(id)?;
+        Err(RuntimeError::Unsupported(format!(
+            "capture of microVM sandbox {id} is not supported yet: its disk is written by the \
+             guest and is never mounted on the host"
+        )))
     }
 
     async fn usage(&self, id: &str) -> Result<ResourceUsage, RuntimeError> {

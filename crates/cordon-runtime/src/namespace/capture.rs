@@ -35,7 +35,7 @@ use crate::plan::WritableLayer;
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One capture, run on a blocking thread.
-pub(crate) struct Capture {
+pub(super) struct Capture {
     pub id: String,
     pub layer: WritableLayer,
     /// The sandbox is running: freeze it, and use the loop device its image is mounted from.
@@ -43,10 +43,6 @@ pub(crate) struct Capture {
     pub cgroups: Cgroups,
     pub dest: PathBuf,
     pub limits: CopyLimits,
-    /// The image is mounted read-write by a running microVM guest whose agent froze it
-    /// (FIFREEZE: the journal is flushed). The host attaches its own loop device and mounts it
-    /// read-only without touching the journal (`noload`), so it writes nothing to the image.
-    pub guest_frozen: bool,
 }
 
 /// Thaws the sandbox when dropped, also on error or panic.
@@ -80,11 +76,11 @@ fn dir_flags() -> OFlag {
 }
 
 impl Capture {
-    pub(crate) fn run(self) -> Result<CopyStats, RuntimeError> {
+    pub(super) fn run(self) -> Result<CopyStats, RuntimeError> {
         let dest = open(self.dest.as_path(), dir_flags(), Mode::empty())
             .map_err(std::io::Error::from)
             .context(|| format!("open the capture destination {}", self.dest.display()))?;
-        let upper = open_upper(&self.layer, self.running, self.guest_frozen)?;
+        let upper = open_upper(&self.layer, self.running)?;
         let copied = {
             let _frozen = match self.running {
                 true => Some(Frozen::new(&self.cgroups, &self.id)?),
@@ -121,11 +117,7 @@ fn empty_dir(dest: &Path) {
     }
 }
 
-fn open_upper(
-    layer: &WritableLayer,
-    running: bool,
-    guest_frozen: bool,
-) -> Result<Upper, RuntimeError> {
+fn open_upper(layer: &WritableLayer, running: bool) -> Result<Upper, RuntimeError> {
     match layer {
         WritableLayer::Directory(rw) => {
             let rw_fd = open(rw.as_path(), dir_flags(), Mode::empty())
@@ -137,7 +129,7 @@ fn open_upper(
                 _loop_device: None,
             })
         }
-        WritableLayer::Ext4Image(image) => open_image_upper(image, running, guest_frozen),
+        WritableLayer::Ext4Image(image) => open_image_upper(image, running),
     }
 }
 
@@ -147,11 +139,7 @@ fn open_upper_in(parent: BorrowedFd<'_>, shown: &Path) -> Result<OwnedFd, Runtim
         .context(|| format!("open upper/ of {}", shown.display()))
 }
 
-fn open_image_upper(
-    image: &Path,
-    running: bool,
-    guest_frozen: bool,
-) -> Result<Upper, RuntimeError> {
+fn open_image_upper(image: &Path, running: bool) -> Result<Upper, RuntimeError> {
     let file = open(
         image,
         OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -159,14 +147,11 @@ fn open_image_upper(
     )
     .map_err(std::io::Error::from)
     .context(|| format!("open {}", image.display()))?;
-    let attached = match guest_frozen {
-        true => None,
-        false => crate::loopdev::find_attached(file.as_fd())
-            .context(|| format!("find the loop device of {}", image.display()))?,
-    };
+    let attached = crate::loopdev::find_attached(file.as_fd())
+        .context(|| format!("find the loop device of {}", image.display()))?;
     let device = match attached {
         Some(device) => device,
-        None if running && !guest_frozen => {
+        None if running => {
             return Err(RuntimeError::io(
                 format!("the disk image {} of a running sandbox", image.display()),
                 std::io::Error::other("is not attached to any loop device"),
@@ -178,7 +163,7 @@ fn open_image_upper(
                 .1
         }
     };
-    let mount = mount_detached_ext4(&device, running && !guest_frozen, guest_frozen)
+    let mount = mount_detached_ext4(&device, running)
         .context(|| format!("mount {} (ext4)", image.display()))?;
     Ok(Upper {
         dir: open_upper_in(mount.as_fd(), image)?,
@@ -197,17 +182,10 @@ fn open_image_upper(
 /// which ext4 hands back instead of creating one; asking for `ro` there would be refused
 /// (`EBUSY`: the read-only flag must match the existing superblock's), so only the mount is
 /// read-only.
-///
-/// A frozen microVM guest's image (`noload`) is mounted read-only without replaying its
-/// journal: the guest owns the filesystem, and the freeze flushed everything into place.
-fn mount_detached_ext4(device: &OwnedFd, running: bool, noload: bool) -> std::io::Result<OwnedFd> {
+fn mount_detached_ext4(device: &OwnedFd, running: bool) -> std::io::Result<OwnedFd> {
     // The fd's magic link names exactly the device we checked, whatever /dev holds now.
     let source = format!("/proc/self/fd/{}", device.as_raw_fd());
-    let params: &[crate::newmount::FsParam<'_>] = match (running, noload) {
-        (true, _) => &[],
-        (false, true) => &[("ro", None), ("noload", None)],
-        (false, false) => &[("ro", None)],
-    };
+    let params: &[crate::newmount::FsParam<'_>] = if running { &[] } else { &[("ro", None)] };
     let attrs = libc::MOUNT_ATTR_RDONLY
         | libc::MOUNT_ATTR_NOSUID
         | libc::MOUNT_ATTR_NODEV

@@ -283,7 +283,6 @@ impl Runtime for NamespaceRuntime {
                 max_entries: self.config.capture_max_entries,
                 max_depth: CAPTURE_MAX_DEPTH,
             },
-            guest_frozen: false,
         };
         let stats = tokio::task::spawn_blocking(move || capture.run())
             .await
