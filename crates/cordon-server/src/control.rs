@@ -380,10 +380,6 @@ pub async fn delete(
 ) -> ApiResult {
     let record = find(&app, &workspace, &name)?;
     app.sandboxes.delete(&record.id)?;
-    if let Some(egress) = &app.sandboxes.egress {
-        egress.forget(&record.id);
-        let _ = app.sandboxes.store.delete_egress_events(&record.id);
-    }
     tracing::info!(sandbox = %record.id, name = %record.name, "sandbox deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

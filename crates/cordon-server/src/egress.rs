@@ -98,12 +98,19 @@ pub struct StoredProxyConfig {
     pub redacted: Value,
 }
 
+/// A compiled policy and the sealed config it came from (`None`: no `proxy_config`).
+struct CompiledPolicy {
+    source: Option<String>,
+    policy: Arc<EgressPolicy>,
+}
+
 pub struct Egress {
     proxy: Arc<EgressProxy>,
     sealing: SealingKey,
     store: Arc<Store>,
-    /// Compiled policies by sandbox id; dropped when the config changes.
-    policies: Mutex<HashMap<String, Arc<EgressPolicy>>>,
+    /// Compiled policies by sandbox id, each beside the sealed config it was compiled from:
+    /// a connection uses the cached one only while the stored config is still that one.
+    policies: Mutex<HashMap<String, CompiledPolicy>>,
     recorder: Arc<QueueRecorder>,
 }
 
@@ -285,12 +292,13 @@ impl Egress {
                 format!("Value error, {e}"),
             )])
         })?;
+        // Connections compare the stored config with the one their cached policy came from,
+        // so the new policy applies as soon as the record is written.
         record.proxy_config = Some(self.seal(&record.id, &merged)?);
-        self.forget(&record.id);
         Ok(())
     }
 
-    /// Drops the compiled policy, so the next connection compiles the stored one.
+    /// Drops a deleted sandbox's compiled policy.
     pub fn forget(&self, sandbox_id: &str) {
         lock(&self.policies).remove(sandbox_id);
     }
@@ -349,14 +357,19 @@ impl Egress {
         })
     }
 
+    /// The policy of the sandbox's stored `proxy_config`, read at every connection (one
+    /// store lookup) so a PATCH can never be outlived by a policy cached before it.
     fn policy(&self, sandbox_id: &str) -> Result<Arc<EgressPolicy>, ApiError> {
-        if let Some(policy) = lock(&self.policies).get(sandbox_id) {
-            return Ok(policy.clone());
-        }
         let record = self
             .store
             .get_by_id(sandbox_id)?
             .ok_or_else(|| ApiError::NotFound(format!("sandbox {sandbox_id}")))?;
+        let source = record.proxy_config.as_ref().map(|c| c.sealed.clone());
+        if let Some(cached) = lock(&self.policies).get(sandbox_id) {
+            if cached.source == source {
+                return Ok(cached.policy.clone());
+            }
+        }
         let policy = match self.config_of(&record)? {
             Some(config) => {
                 EgressPolicy::compile(&config).map_err(|e| ApiError::Internal(e.to_string()))?
@@ -364,7 +377,13 @@ impl Egress {
             None => EgressPolicy::default(),
         };
         let policy = Arc::new(policy);
-        lock(&self.policies).insert(sandbox_id.to_string(), policy.clone());
+        lock(&self.policies).insert(
+            sandbox_id.to_string(),
+            CompiledPolicy {
+                source,
+                policy: policy.clone(),
+            },
+        );
         Ok(policy)
     }
 

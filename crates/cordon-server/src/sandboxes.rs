@@ -370,9 +370,16 @@ impl Sandboxes {
         let _ = tokio::time::timeout(STOP_ANSWER_WITHIN, task).await;
     }
 
-    /// Forgets the sandbox now and destroys it in the background.
+    /// Deletes the sandbox however it goes (the API, a TTL, a pool shrinking): its record,
+    /// its egress records and compiled policy, then its runtime state in the background.
     pub fn delete(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         self.store.delete(id)?;
+        if let Some(egress) = &self.egress {
+            egress.forget(id);
+            if let Err(error) = self.store.delete_egress_events(id) {
+                tracing::warn!(sandbox = %id, %error, "deleting egress records");
+            }
+        }
         lock(&self.clients).remove(id);
         lock(&self.activity).remove(id);
         let this = self.clone();

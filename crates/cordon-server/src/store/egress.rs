@@ -77,7 +77,8 @@ impl Store {
     }
 
     /// Appends egress records (`(sandbox id, record JSON)`) in one transaction, then keeps
-    /// only the newest `keep` of each sandbox written to.
+    /// only the newest `keep` of each sandbox written to. Records of a sandbox deleted while
+    /// they waited in the queue are dropped, so none outlive it.
     pub fn append_egress_events(
         &self,
         events: &[(String, String)],
@@ -86,8 +87,10 @@ impl Store {
         let mut conn = self.conn();
         let transaction = conn.transaction()?;
         {
-            let mut insert = transaction
-                .prepare_cached("INSERT INTO egress_events (sandbox_id, record) VALUES (?1, ?2)")?;
+            let mut insert = transaction.prepare_cached(
+                "INSERT INTO egress_events (sandbox_id, record)
+                 SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM sandboxes WHERE id = ?1)",
+            )?;
             for (sandbox, record) in events {
                 insert.execute(params![sandbox, record])?;
             }
