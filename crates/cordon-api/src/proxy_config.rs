@@ -439,11 +439,17 @@ impl ProxyConfig {
 
     /// `update` (a PATCH body's proxy_config) replacing `self` (the stored one): the rule set
     /// is replaced; an opaque value the update omits keeps the stored value of the rule with
-    /// the same name (headers matched by name, case-insensitively; AWS/GCP fields by key).
+    /// the same name (headers matched by name, case-insensitively; AWS/GCP fields by key), as
+    /// long as that rule still has the same type and `match_hosts`: a hidden value never
+    /// follows a rule to new hosts, so a rule sent there must carry its values again.
     pub fn merged_update(&self, update: ProxyConfig) -> ProxyConfig {
         let mut out = update;
         for rule in &mut out.rules {
-            let Some(stored) = self.rules.iter().find(|r| r.name == rule.name) else {
+            let Some(stored) = self.rules.iter().find(|r| {
+                r.name == rule.name
+                    && r.rule_type == rule.rule_type
+                    && r.match_hosts == rule.match_hosts
+            }) else {
                 continue;
             };
             for h in &mut rule.headers {
@@ -687,6 +693,11 @@ mod tests {
         let mut renamed = stored.redacted();
         renamed.rules[0].name = "other".into();
         let merged = stored.merged_update(renamed);
+        assert_eq!(merged.rules[0].headers[0].secret.value, None);
+        // Nor does a rule pointed at other hosts: the hidden value stays behind.
+        let mut moved = stored.redacted();
+        moved.rules[0].match_hosts = vec!["attacker.example".into()];
+        let merged = stored.merged_update(moved);
         assert_eq!(merged.rules[0].headers[0].secret.value, None);
         // Replacing the rule set drops rules the update does not name.
         let merged = stored.merged_update(ProxyConfig::default());

@@ -98,7 +98,8 @@ impl ValueTemplate {
     pub(crate) fn compile(what: &str, secret: &SecretValue) -> Result<ValueTemplate, PolicyError> {
         let Some(value) = &secret.value else {
             return Err(PolicyError::new(format!(
-                "{what} has no value (an opaque value must be given when the rule is created)"
+                "{what} has no value (an opaque value must be sent when its rule is created or \
+                 its type or match_hosts change)"
             )));
         };
         let pieces = match secret.kind {
