@@ -290,6 +290,14 @@ async fn apply_rules(
     ev: &mut EgressEvent,
 ) -> Result<(), Refusal> {
     let path = parts.uri.path().to_string();
+    if has_dot_segment(&path) {
+        // Rules match the path as sent and the upstream resolves `..` after: `/public/../admin`
+        // would carry `/public/**` credentials to `/admin`. Tools normalise paths themselves.
+        return Err(Refusal::denied(
+            "a path with `.` or `..` segments (plain or %2e-encoded) is refused on hosts where \
+             credentials are injected",
+        ));
+    }
     let rules: Vec<_> = sandbox
         .policy
         .matching_rules(host, &path, &parts.headers)
@@ -312,6 +320,14 @@ async fn apply_rules(
             }));
     }
     Ok(())
+}
+
+/// Whether some segment of `path` is `.` or `..`, also with the dots percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 async fn apply_headers(
@@ -403,5 +419,36 @@ fn deny_502(reason: String) -> Refusal {
         reason,
         ip: None,
         denied: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_dot_segment;
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/..",
+            "/a/%2e%2E/b",
+            "/a/.%2e/b",
+            "/%2E/x",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a/b",
+            "/a/..b/c",
+            "/a/b../c",
+            "/.well-known/x",
+            "/a/%2e%2ex",
+            "/a%2fb",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 }
