@@ -185,6 +185,17 @@ pub(crate) async fn forward(
         Ok(d) => d,
         Err(r) => return refuse(sandbox, ev, r),
     };
+    if !tls && sandbox.policy.intercepts(host) {
+        // Credentials never cross the network in clear text (an on-path observer or a spoofed
+        // DNS answer would have them): rule-matched hosts are reached over https only.
+        return refuse(
+            sandbox,
+            ev,
+            Refusal::denied(format!(
+                "{host} gets credentials from a rule, which are only sent over TLS: use https"
+            )),
+        );
+    }
     if let Some(u) = &upgrade {
         keep_upgrade(&mut parts.headers, u.clone());
     }

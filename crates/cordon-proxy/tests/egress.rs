@@ -485,7 +485,7 @@ async fn raw_tcp_needs_an_entry_naming_the_port() {
 }
 
 #[tokio::test]
-async fn plain_http_to_a_matched_host_gets_the_same_injection_with_keep_alive() {
+async fn plain_http_to_a_matched_host_is_refused_and_others_pass_with_keep_alive() {
     let dns = TestDns::start().await;
     dns.set("api.test", vec![v4("127.0.0.1")]);
     dns.set("other.test", vec![v4("127.0.0.1")]);
@@ -500,10 +500,11 @@ async fn plain_http_to_a_matched_host_gets_the_same_injection_with_keep_alive() 
         },
     )
     .await;
-    // Two requests on one kept-alive connection, to two hosts: each is checked and matched
-    // on its own.
+    // Two requests on one kept-alive connection, to two hosts: each is checked on its own.
+    // The rule-matched host is refused (credentials only go over TLS); the other passes
+    // untouched, which shows the refusal is the rule's and not a broken setup.
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
-    for host in ["api.test", "other.test"] {
+    for (host, status) in [("api.test", "HTTP/1.1 403"), ("other.test", "HTTP/1.1 200")] {
         let req = format!(
             "GET http://{host}:{port}/p HTTP/1.1\r\nHost: {host}\r\nX-Api-Key: dummy\r\n\r\n"
         );
@@ -511,14 +512,16 @@ async fn plain_http_to_a_matched_host_gets_the_same_injection_with_keep_alive() 
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.starts_with(status), "{host}: {text}");
         assert!(!text.contains("plain-SECRET"));
+        if host == "api.test" {
+            assert!(text.contains("use https"), "{text}");
+        }
     }
     let reqs = up.requests();
-    assert_eq!(reqs.len(), 2);
-    assert_eq!(reqs[0].header("x-api-key"), Some("plain-SECRET"));
+    assert_eq!(reqs.len(), 1, "only the unmatched host was reached");
     assert_eq!(
-        reqs[1].header("x-api-key"),
+        reqs[0].header("x-api-key"),
         Some("dummy"),
         "other hosts get what the tool sent"
     );
@@ -623,8 +626,9 @@ async fn large_bodies_stream_through_every_mode() {
             format!("https://other.test:{}/big", tls.addr().port()),
             tls.ca_pem_path(),
         ),
+        // Plain HTTP goes to an unmatched host: matched ones are reached over TLS only.
         (
-            format!("http://api.test:{}/big", plain.addr().port()),
+            format!("http://other.test:{}/big", plain.addr().port()),
             proxy.ca.clone(),
         ),
     ];
@@ -686,6 +690,7 @@ async fn upgrade_and_echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpi
 async fn websocket_upgrades_pass_with_credentials() {
     let dns = TestDns::start().await;
     dns.set("api.test", vec![v4("127.0.0.1")]);
+    dns.set("other.test", vec![v4("127.0.0.1")]);
     let tls_up = HttpsUpstream::start_with_names(&["api.test"]).await;
     let plain_up = HttpsUpstream::start_plain().await;
     for up in [&tls_up, &plain_up] {
@@ -702,10 +707,15 @@ async fn websocket_upgrades_pass_with_credentials() {
     )
     .await;
 
-    // Plain HTTP, absolute form.
+    // Plain HTTP, absolute form, to an unmatched host (matched ones get TLS only).
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     let port = plain_up.addr().port();
-    upgrade_and_echo(&mut s, &format!("http://api.test:{port}/ws"), "api.test").await;
+    upgrade_and_echo(
+        &mut s,
+        &format!("http://other.test:{port}/ws"),
+        "other.test",
+    )
+    .await;
 
     // Intercepted: CONNECT, TLS with Cordon's CA, then the handshake.
     let port = tls_up.addr().port();
@@ -733,11 +743,15 @@ async fn websocket_upgrades_pass_with_credentials() {
         .unwrap();
     upgrade_and_echo(&mut tls, "/ws", "api.test").await;
 
-    for up in [&plain_up, &tls_up] {
-        let reqs = up.requests();
-        assert_eq!(reqs.len(), 1);
-        assert_eq!(reqs[0].header("authorization"), Some("Bearer ws-SECRET"));
-    }
+    let plain = plain_up.requests();
+    assert_eq!(plain.len(), 1);
+    assert_eq!(plain[0].header("authorization"), None);
+    let intercepted = tls_up.requests();
+    assert_eq!(intercepted.len(), 1);
+    assert_eq!(
+        intercepted[0].header("authorization"),
+        Some("Bearer ws-SECRET")
+    );
 }
 
 fn pem_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
