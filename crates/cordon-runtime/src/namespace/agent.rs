@@ -28,10 +28,14 @@ pub(crate) fn sealed_copy(binary: &Path) -> Result<OwnedFd, RuntimeError> {
     .map_err(|e| RuntimeError::io("memfd_create", e.into()))?;
     let mut target = File::from(memfd);
     std::io::copy(&mut source, &mut target).context(|| "copy the agent into its memfd".into())?;
+    // FUTURE_WRITE, not WRITE: both make shmem refuse write() and new writable mappings (and
+    // no mapping of this memfd ever existed), but F_SEAL_WRITE also waits for the pages to be
+    // unpinned and fails with EBUSY when freshly written pages still sit in another CPU's LRU
+    // batch, which a loaded host hits now and then.
     let seals = SealFlag::F_SEAL_SEAL
         | SealFlag::F_SEAL_SHRINK
         | SealFlag::F_SEAL_GROW
-        | SealFlag::F_SEAL_WRITE;
+        | SealFlag::F_SEAL_FUTURE_WRITE;
     fcntl(&target, FcntlArg::F_ADD_SEALS(seals))
         .map_err(|e| RuntimeError::io("seal the agent memfd", e.into()))?;
     Ok(target.into())

@@ -122,7 +122,7 @@ fn check_inherited_fds(plan: &LaunchPlan) -> Result<()> {
     let seals = nix::fcntl::fcntl(memfd, nix::fcntl::FcntlArg::F_GET_SEALS)
         .context("fd 4 (agent memfd)")?;
     ensure!(
-        seals & libc::F_SEAL_WRITE != 0,
+        seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0,
         "the agent memfd is not sealed against writes"
     );
     Ok(())
