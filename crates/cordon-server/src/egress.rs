@@ -248,17 +248,7 @@ impl Egress {
         template: &TemplateRecord,
         value: &Value,
     ) -> Result<StoredProxyConfig, ApiError> {
-        let update = Self::parse(value)?;
-        let merged = match self.template_config(template)? {
-            Some(stored) => stored.merged_update(update),
-            None => update,
-        };
-        merged.validate().map_err(|e| {
-            ApiError::Validation(vec![FieldError::value(
-                "proxy_config",
-                format!("Value error, {e}"),
-            )])
-        })?;
+        let merged = Self::patched(self.template_config(template)?, value)?;
         self.seal_in(&template_context(&template.id), &merged)
     }
 
@@ -279,10 +269,11 @@ impl Egress {
         }
     }
 
-    /// A PATCH's `proxy_config` (spec §2.2.4): rules replaced, omitted opaque values kept.
-    pub fn update(&self, record: &mut SandboxRecord, value: &Value) -> Result<(), ApiError> {
+    /// `value` (a PATCH body's `proxy_config`) over `stored`: the rule set replaced, omitted
+    /// hidden values carried over (`ProxyConfig::merged_update`), the result validated.
+    fn patched(stored: Option<ProxyConfig>, value: &Value) -> Result<ProxyConfig, ApiError> {
         let update = Self::parse(value)?;
-        let merged = match self.config_of(record)? {
+        let merged = match stored {
             Some(stored) => stored.merged_update(update),
             None => update,
         };
@@ -292,6 +283,12 @@ impl Egress {
                 format!("Value error, {e}"),
             )])
         })?;
+        Ok(merged)
+    }
+
+    /// A PATCH's `proxy_config` (spec §2.2.4): rules replaced, omitted opaque values kept.
+    pub fn update(&self, record: &mut SandboxRecord, value: &Value) -> Result<(), ApiError> {
+        let merged = Self::patched(self.config_of(record)?, value)?;
         // Connections compare the stored config with the one their cached policy came from,
         // so the new policy applies as soon as the record is written.
         record.proxy_config = Some(self.seal(&record.id, &merged)?);
